@@ -1,0 +1,1 @@
+"""saliency-service: explain, score and verbalize vision models over gRPC."""
