@@ -1,0 +1,3 @@
+from saliency_service.cli import main
+
+raise SystemExit(main())

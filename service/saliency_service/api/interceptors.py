@@ -1,0 +1,77 @@
+"""One server interceptor at the seam: request metrics, the message-size cap, and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+import grpc
+from grpc.aio import ServerInterceptor
+
+from saliency_service.api.errors import status_code, to_status
+from saliency_service.core.errors import Internal, ResourceExhausted, SaliencyError
+from saliency_service.observability import metrics
+
+log = logging.getLogger(__name__)
+SERVICE_PREFIX = "/saliency.v1.SaliencyService/"
+UNKNOWN = "unknown"
+
+
+class SaliencyInterceptor(ServerInterceptor):  # type: ignore[misc]
+    """Wraps every SaliencyService unary handler; health and reflection pass through untouched."""
+
+    def __init__(self, max_message_bytes: int, known_models: Callable[[], Collection[str]], known_methods: Callable[[], Collection[str]]) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._models = known_models
+        self._methods = known_methods
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(SERVICE_PREFIX) or handler.unary_unary is None:
+            return handler
+        rpc = details.method[len(SERVICE_PREFIX) :]
+        inner = handler.unary_unary
+
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            model = getattr(request, "model", "") or ""
+            model = model if model in self._models() else (UNKNOWN if model else "")
+            method = getattr(request, "method", "") or getattr(request, "metric", "") or ""
+            method = method if method in self._methods() else (UNKNOWN if method else "")
+            code = grpc.StatusCode.OK
+            start = time.perf_counter()
+            metrics.IN_FLIGHT.labels(rpc).inc()
+            try:
+                size = request.ByteSize()
+                if size > self.max_message_bytes:
+                    raise ResourceExhausted(
+                        "MESSAGE_TOO_LARGE",
+                        f"the request is {size} bytes; the server accepts at most {self.max_message_bytes} (max_message_bytes): send fewer or smaller images",
+                        {"limit": self.max_message_bytes, "size": size},
+                    )
+                return await inner(request, context)
+            except SaliencyError as error:
+                code = status_code(error)
+                await context.abort_with_status(to_status(error))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception:
+                log.exception("unexpected error in %s", rpc)
+                code = grpc.StatusCode.INTERNAL
+                await context.abort_with_status(to_status(Internal("INTERNAL", "the server failed unexpectedly; the error is logged")))
+            finally:
+                metrics.IN_FLIGHT.labels(rpc).dec()
+                metrics.REQUESTS.labels(rpc, model, method, code.name).inc()
+                metrics.REQUEST_SECONDS.labels(rpc, model, method).observe(time.perf_counter() - start)
+
+        return grpc.unary_unary_rpc_method_handler(
+            behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )

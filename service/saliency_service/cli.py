@@ -1,0 +1,139 @@
+"""`saliency-service serve | export | shapes-eval`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from saliency_service.core.errors import SaliencyError
+
+log = logging.getLogger("saliency_service")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import prometheus_client
+    import torch
+
+    from saliency_service import logs
+    from saliency_service.api.server import SaliencyServer
+    from saliency_service.config import Settings
+
+    settings = Settings.load(
+        flags={"model_repository": args.model_repository, "port": args.port, "metrics_port": args.metrics_port, "host": args.host},
+        env=os.environ,
+        file=args.config,
+    )
+    logs.configure(settings.log_level, settings.log_format)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    if settings.metrics_port:
+        prometheus_client.start_http_server(settings.metrics_port)
+        log.info("Prometheus metrics on port %d", settings.metrics_port)
+
+    async def run() -> int:
+        server = SaliencyServer(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        await stop.wait()
+        log.info("shutdown requested: NOT_SERVING, draining in-flight requests for up to %.0f s", settings.grace_seconds)
+        await server.stop()
+        return 0
+
+    return asyncio.run(run())
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from saliency_service.core.models.export import export_model
+
+    module_name, _, factory_name = args.module.partition(":")
+    if not factory_name:
+        raise SystemExit("--module must be 'package.module:factory' (a callable returning the nn.Module)")
+    sys.path.insert(0, os.getcwd())
+    module = getattr(importlib.import_module(module_name), factory_name)()
+    if args.weights:
+        module.load_state_dict(torch.load(args.weights, weights_only=True))
+    labels = Path(args.labels_file).read_text().split() if args.labels_file else args.labels.split(",")
+    channels, height, width = (int(v) for v in args.input_size.split(","))
+    folder = export_model(
+        module,
+        torch.zeros(1, channels, height, width),
+        args.repository,
+        args.name,
+        labels=labels,
+        layers=[layer for layer in args.layers.split(",") if layer],
+        mean=[float(v) for v in args.mean.split(",")],
+        std=[float(v) for v in args.std.split(",")],
+        version=args.version,
+        overwrite=args.overwrite,
+    )
+    print(f"exported {args.name} to {folder}")
+    return 0
+
+
+def _shapes_eval(args: argparse.Namespace) -> int:
+    from saliency_service.shapes.report import run_report
+
+    run_report(args.model_repository, n=args.n, seed_offset=args.seed_offset)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from saliency_service.config import EMBEDDED_REPOSITORY
+
+    root = argparse.ArgumentParser(prog="saliency-service", description="Explain, score and verbalize vision models over gRPC.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model repository over gRPC")
+    serve.add_argument("--model-repository", type=Path, default=None, help=f"model repository folder (default: the embedded one, {EMBEDDED_REPOSITORY})")
+    serve.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default 9090; 0 disables)")
+    serve.add_argument("--host", default=None, help="bind address (default [::])")
+    serve.add_argument("--config", type=Path, default=None, help="a TOML settings file (flags > SALIENCY_* environment > file > defaults)")
+    serve.set_defaults(run=_serve)
+
+    export = commands.add_parser("export", help="write a model-repository entry from a torch nn.Module")
+    export.add_argument("--module", required=True, help="'package.module:factory', a callable returning the nn.Module")
+    export.add_argument("--weights", help="a state dict to load (loaded with weights_only=True)")
+    export.add_argument("--name", required=True)
+    export.add_argument("--repository", required=True, type=Path)
+    export.add_argument("--input-size", required=True, help="C,H,W, e.g. 3,224,224")
+    export.add_argument("--labels", default="", help="comma-separated labels")
+    export.add_argument("--labels-file", help="one label per line")
+    export.add_argument("--layers", default="", help="comma-separated module paths that CAM methods may use, e.g. layer4")
+    export.add_argument("--mean", default="0,0,0")
+    export.add_argument("--std", default="1,1,1")
+    export.add_argument("--version", default="1")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(run=_export)
+
+    report = commands.add_parser("shapes-eval", help="held-out accuracy and Grad-CAM localisation of the `shapes` model")
+    report.add_argument("--model-repository", type=Path, default=EMBEDDED_REPOSITORY)
+    report.add_argument("--n", type=int, default=1000, help="held-out images")
+    report.add_argument("--seed-offset", type=int, default=0, help="added to the first held-out seed")
+    report.set_defaults(run=_shapes_eval)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except SaliencyError as error:
+        print(f"error: {error.reason}: {error.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

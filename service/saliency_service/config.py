@@ -1,0 +1,81 @@
+"""One typed Settings object, built once in main from flags > environment > file > defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from saliency_service.core.errors import InvalidArgument
+
+EMBEDDED_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
+ENV_PREFIX = "SALIENCY_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the server. Environment: SALIENCY_<FIELD> (e.g. SALIENCY_PORT=50052)."""
+
+    model_repository: Path = EMBEDDED_REPOSITORY
+    host: str = "[::]"
+    port: int = 50051
+    metrics_port: int = 9090
+    """0 disables the Prometheus endpoint."""
+    workers: int = 2
+    """Threads that run torch/onnxruntime work; the asyncio front never blocks on them."""
+    torch_threads: int = 0
+    """0: torch's default."""
+    onnx_threads: int = 0
+    """0: onnxruntime's default."""
+    onnx_max_batch: int = 256
+    prefer_cuda: bool = True
+    max_message_bytes: int = 32 * 1024 * 1024
+    max_batch_images: int = 64
+    max_image_pixels: int = 4096 * 4096
+    grace_seconds: float = 20.0
+    log_level: str = "INFO"
+    log_format: str = "json"
+    """"json" (one object per line) or "text"."""
+
+    @classmethod
+    def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, file: Path | None = None) -> Settings:
+        """Merge the sources; later sources win: defaults < file (TOML) < environment < flags."""
+        values: dict[str, Any] = {}
+        if file is not None:
+            try:
+                values.update(tomllib.loads(Path(file).read_text()))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise InvalidArgument("INVALID_SETTINGS", f"cannot read settings file {file}: {exc}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InvalidArgument("INVALID_SETTINGS", f"unknown settings {unknown} in {file}; known: {sorted(known)}")
+        for name in known:
+            raw = (env or {}).get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = raw
+        values.update({k: v for k, v in (flags or {}).items() if v is not None})
+        return cls(**{name: _coerce(name, value) for name, value in values.items()})
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = {f.name: f.type for f in dataclasses.fields(Settings)}[name]
+    try:
+        if kind == "Path":
+            return Path(value)
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in {"1", "0", "true", "false", "yes", "no"}:
+                    raise ValueError(value)
+                return value.lower() in {"1", "true", "yes"}
+            return bool(value)
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise InvalidArgument("INVALID_SETTINGS", f"setting '{name}' must be {kind}, got {value!r}") from None

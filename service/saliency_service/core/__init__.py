@@ -1,0 +1,1 @@
+"""Transport-free core: typed values in, typed values out. Never imports grpc."""

@@ -1,0 +1,1 @@
+"""Model repository: config + ONNX (forward passes) + torch export program (gradients) per model."""

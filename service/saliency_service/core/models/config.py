@@ -1,0 +1,154 @@
+"""The per-model config file (`config.json`): what the artifacts are and how to feed them.
+
+JSON, not pickle or Python: reading a config never executes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saliency_service.core.errors import FailedPrecondition, NotFound
+
+CONFIG_FILE = "config.json"
+ONNX_FILE = "model.onnx"
+TORCH_FILE = "model.pt2"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def valid_model_name(name: str) -> bool:
+    """Model names are folder names: lower-case, no path separators, cannot escape the repository."""
+    return bool(_NAME.match(name)) and ".." not in name
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The image the model takes: N x channels x height x width, scaled to [0,1] then normalised."""
+
+    height: int
+    width: int
+    channels: int = 3
+    layout: str = "NCHW"
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    resize: str = "bilinear"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A layer that CAM methods may use, named by its module path in the source model.
+
+    `onnx_output` is the extra graph output that carries its activation; `probe_index` is the
+    position of its zero probe among the torch program's probe inputs; `shape` is C x h x w.
+    """
+
+    name: str
+    onnx_output: str
+    probe_index: int
+    shape: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    version: str
+    input: InputSpec
+    labels: tuple[str, ...]
+    layers: tuple[LayerSpec, ...]
+    task: str = "classification"
+    description: str = ""
+    onnx_file: str = ONNX_FILE
+    torch_file: str = TORCH_FILE
+    onnx_logits_output: str = "logits"
+    # Max |logit difference| allowed between the ONNX and torch artifacts, checked at load.
+    logits_tolerance: float = 1e-3
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def default_layer(self) -> str | None:
+        """The last declared layer: the usual choice for CAM methods."""
+        return self.layers[-1].name if self.layers else None
+
+    def layer(self, name: str) -> LayerSpec:
+        for spec in self.layers:
+            if spec.name == name:
+                return spec
+        raise NotFound(
+            "UNKNOWN_LAYER",
+            f"model '{self.name}' declares no layer '{name}'; declared layers: {', '.join(s.name for s in self.layers) or 'none'}",
+            {"model": self.name, "layer": name},
+        )
+
+    def class_index(self, label: str) -> int:
+        try:
+            return self.labels.index(label)
+        except ValueError:
+            raise NotFound(
+                "UNKNOWN_LABEL",
+                f"model '{self.name}' has no label '{label}'; labels: {', '.join(self.labels)}",
+                {"model": self.name, "label": label},
+            ) from None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    def save(self, folder: Path) -> None:
+        (folder / CONFIG_FILE).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, folder: Path) -> ModelConfig:
+        """Read and validate `folder/config.json`; any problem is a FailedPrecondition with the reason."""
+        path = folder / CONFIG_FILE
+        try:
+            raw = json.loads(path.read_text())
+            config = cls(
+                name=str(raw["name"]),
+                version=str(raw["version"]),
+                input=InputSpec(
+                    **{**raw["input"], "mean": tuple(raw["input"]["mean"]), "std": tuple(raw["input"]["std"])}
+                ),
+                labels=tuple(str(label) for label in raw["labels"]),
+                layers=tuple(
+                    LayerSpec(
+                        name=str(layer["name"]),
+                        onnx_output=str(layer["onnx_output"]),
+                        probe_index=int(layer["probe_index"]),
+                        shape=(int(layer["shape"][0]), int(layer["shape"][1]), int(layer["shape"][2])),
+                    )
+                    for layer in raw["layers"]
+                ),
+                **{k: raw[k] for k in ("task", "description", "onnx_file", "torch_file", "onnx_logits_output", "logits_tolerance", "extra") if k in raw},
+            )
+        except FileNotFoundError:
+            raise FailedPrecondition("MODEL_CONFIG_MISSING", f"{path} does not exist", {"path": str(path)}) from None
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise FailedPrecondition("MODEL_CONFIG_INVALID", f"{path} is not a valid model config: {exc!r}", {"path": str(path)}) from None
+        config.check(folder)
+        return config
+
+    def check(self, folder: Path) -> None:
+        problems = []
+        if not valid_model_name(self.name):
+            problems.append(f"name '{self.name}' is not a valid model name")
+        if self.name != folder.name:
+            problems.append(f"name '{self.name}' does not match its folder '{folder.name}'")
+        if not self.labels or len(set(self.labels)) != len(self.labels):
+            problems.append("labels must be non-empty and unique")
+        if self.input.layout != "NCHW" or self.input.channels != 3:
+            problems.append("only NCHW RGB inputs are supported")
+        if len(self.input.mean) != self.input.channels or len(self.input.std) != self.input.channels or min(self.input.std) <= 0:
+            problems.append("mean/std need one value per channel and std > 0")
+        for name in (self.onnx_file, self.torch_file):
+            if "/" in name or "\\" in name or name.startswith("."):
+                problems.append(f"artifact file name '{name}' must be a plain file name")
+        if sorted(layer.probe_index for layer in self.layers) != list(range(len(self.layers))):
+            problems.append("layer probe indices must be 0..n-1")
+        if problems:
+            raise FailedPrecondition("MODEL_CONFIG_INVALID", f"{folder / CONFIG_FILE}: " + "; ".join(problems), {"path": str(folder)})

@@ -1,0 +1,176 @@
+"""Turn any `torch.nn.Module` into a model-repository entry: config + ONNX + torch program."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from saliency_service.core.errors import InvalidArgument
+from saliency_service.core.models.config import ONNX_FILE, TORCH_FILE, InputSpec, LayerSpec, ModelConfig, valid_model_name
+from saliency_service.core.models.model import LoadedModel
+
+_MAX_BATCH = 4096
+
+
+class _LayerOutputs(nn.Module):
+    """Returns (logits, *declared layer outputs); with probes, adds probe i to layer i's output.
+
+    Hooks live only for the duration of one traced call (export time); the exported graphs have
+    none, so nothing is installed on a model at request time.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = list(layers)
+
+    def run(self, x: torch.Tensor, probes: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+        outputs: dict[str, torch.Tensor] = {}
+        handles = []
+        for index, name in enumerate(self.layers):
+
+            def hook(module: nn.Module, args: object, output: torch.Tensor, name: str = name, index: int = index) -> torch.Tensor:
+                if probes is not None:
+                    output = output + probes[index]
+                outputs[name] = output
+                return output
+
+            handles.append(self.model.get_submodule(name).register_forward_hook(hook))
+        try:
+            logits = self.model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return (logits, *(outputs[name] for name in self.layers))
+
+
+class _Probed(_LayerOutputs):
+    def forward(self, x: torch.Tensor, probes: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return self.run(x, probes)
+
+
+class _Plain(_LayerOutputs):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.run(x, None)
+
+
+def _onnx_output_name(index: int, layer: str) -> str:
+    return f"layer{index}_" + re.sub(r"[^A-Za-z0-9_]", "_", layer)
+
+
+def export_model(
+    module: nn.Module,
+    example_input: torch.Tensor,
+    repository: str | Path,
+    name: str,
+    *,
+    labels: Sequence[str],
+    layers: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    version: str = "1",
+    description: str = "",
+    tolerance: float = 1e-3,
+    overwrite: bool = False,
+) -> Path:
+    """Write `repository/name/` with config.json, model.onnx and model.pt2; return the folder.
+
+    `example_input` is one normalised batch (N x 3 x H x W) that fixes the input size; `layers` are
+    module paths (e.g. ``["layer4"]``) that CAM methods may use. The entry is loaded back and its
+    ONNX and torch logits are checked to agree with each other and with `module` within `tolerance`.
+    """
+    if not valid_model_name(name):
+        raise InvalidArgument("INVALID_MODEL_NAME", f"'{name}' is not a valid model name (lower-case letters, digits, '_', '-', '.')")
+    if example_input.ndim != 4 or example_input.shape[1] != 3:
+        raise InvalidArgument("INVALID_EXAMPLE_INPUT", f"example_input must be N x 3 x H x W, got {tuple(example_input.shape)}")
+    known = dict(module.named_modules())
+    missing = [layer for layer in layers if layer not in known or layer == ""]
+    if missing:
+        raise InvalidArgument("UNKNOWN_LAYER", f"module has no submodule(s) {missing}")
+    repository = Path(repository)
+    target = repository / name
+    if target.exists() and not overwrite:
+        raise InvalidArgument("MODEL_EXISTS", f"{target} exists; pass overwrite=True to replace it")
+
+    module = module.eval()
+    # A batch of 2 keeps the exporters from specialising the batch dimension to 1.
+    x = example_input[:1].detach().float().repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        reference, *activations = _Plain(module, layers).run(x, None)
+    if reference.ndim != 2 or reference.shape[1] != len(labels):
+        raise InvalidArgument("LABELS_MISMATCH", f"module returns {tuple(reference.shape)} logits but {len(labels)} labels were given")
+    shapes = [tuple(int(d) for d in act.shape[1:]) for act in activations]
+    if any(len(shape) != 3 for shape in shapes):
+        raise InvalidArgument("UNSUPPORTED_LAYER", f"declared layers must output N x C x h x w; got {shapes}")
+
+    config = ModelConfig(
+        name=name,
+        version=version,
+        description=description,
+        input=InputSpec(height=int(x.shape[2]), width=int(x.shape[3]), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std)),
+        labels=tuple(labels),
+        layers=tuple(
+            LayerSpec(name=layer, onnx_output=_onnx_output_name(i, layer), probe_index=i, shape=shape)  # type: ignore[arg-type]
+            for i, (layer, shape) in enumerate(zip(layers, shapes, strict=True))
+        ),
+        logits_tolerance=tolerance,
+    )
+
+    repository.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=repository))
+    try:
+        batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+        probes = tuple(torch.zeros((2, *shape)) for shape in shapes)
+        program = torch.export.export(
+            _Probed(module, layers), (x, probes), dynamic_shapes={"x": {0: batch}, "probes": tuple({0: batch} for _ in probes)}
+        )
+        torch.export.save(program, str(staging / TORCH_FILE))
+        onnx_program = torch.onnx.export(
+            _Plain(module, layers),
+            (x,),
+            None,
+            dynamo=True,
+            external_data=False,
+            input_names=["input"],
+            output_names=["logits", *(layer.onnx_output for layer in config.layers)],
+            dynamic_shapes={"x": {0: "batch"}},
+            verbose=False,
+        )
+        assert onnx_program is not None
+        onnx_program.save(str(staging / ONNX_FILE))
+        final = staging.parent / name
+        # Load through the same path the server uses; this also checks ONNX against torch.
+        config.save(staging)
+        loaded = _load_staged(staging, config)
+        served = loaded.logits(x.numpy())
+        difference = float(np.abs(served - reference.numpy()).max())
+        if difference > tolerance:
+            raise InvalidArgument("EXPORT_MISMATCH", f"exported logits differ from the module's by {difference:.3g} (> {tolerance})")
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        return final
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def _load_staged(staging: Path, config: ModelConfig) -> LoadedModel:
+    """Load a staged entry whose folder name is still temporary."""
+    from saliency_service.core.models.onnx_runner import OnnxRunner
+    from saliency_service.core.models.torch_runner import TorchRunner
+
+    model = LoadedModel(
+        config,
+        OnnxRunner(staging / config.onnx_file, prefer_cuda=False),
+        TorchRunner(staging / config.torch_file, [layer.shape for layer in config.layers]),
+    )
+    model.check_agreement()
+    return model

@@ -1,0 +1,95 @@
+"""Frozen values that cross the core's boundary: what the engine takes and returns."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from saliency_service.core.params import ParamValue
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """PNG/JPEG/... bytes as the client sent them."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A dense little-endian C-order tensor as sent: images are H x W x 3 (uint8, or float32 in [0, 1]);
+    saliency maps are H x W float32."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+ImageInput = EncodedImage | RawTensor
+
+
+@dataclass(frozen=True)
+class TargetRequest:
+    """Which class to explain: None for the predicted class, else an index or a label."""
+
+    class_index: int | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a result came from: enough to reproduce it."""
+
+    model: str
+    model_version: str
+    method: str
+    params: Mapping[str, ParamValue]
+    layer: str = ""
+    seed: int = 0
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One image's saliency map (H x W float32, the input image's resolution) and its context."""
+
+    saliency: np.ndarray
+    target: int
+    label: str
+    predicted: int
+    probabilities: np.ndarray
+    provenance: Provenance
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """A metric's value for one image, with its curve where the metric has one."""
+
+    metric: str
+    value: float
+    curve: np.ndarray
+    target: int
+    label: str
+    params: Mapping[str, ParamValue]
+    higher_is_better: bool
+    provenance: Provenance
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One statement a verbalization makes, with the number that fills it."""
+
+    region: str
+    share: float
+    sign: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class Verbalization:
+    text: str
+    facts: tuple[Fact, ...]
+    template: str
+    provenance: Provenance | None = None

@@ -1,0 +1,1 @@
+"""Every Prometheus metric of the service, defined in one place."""
