@@ -129,11 +129,11 @@ def export_model(
         batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
         probes = tuple(torch.zeros((2, *shape)) for shape in shapes)
         program = torch.export.export(
-            _Probed(module, layers), (x, probes), dynamic_shapes={"x": {0: batch}, "probes": tuple({0: batch} for _ in probes)}
+            _Probed(module, layers).eval(), (x, probes), dynamic_shapes={"x": {0: batch}, "probes": tuple({0: batch} for _ in probes)}
         )
         torch.export.save(program, str(staging / TORCH_FILE))
         onnx_program = torch.onnx.export(
-            _Plain(module, layers),
+            _Plain(module, layers).eval(),
             (x,),
             None,
             dynamo=True,
