@@ -1,0 +1,152 @@
+"""Every RPC through the real client against the in-process server and the shipped `shapes` model."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from saliency_client import AsyncSaliencyClient, SaliencyClient
+from saliency_service.shapes.generator import LABELS, Sample
+
+FIRST_METHODS = ("grad_cam", "eigen_cam", "integrated_gradients", "saliency")
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_list_models_reports_ready_and_not_ready(client: SaliencyClient) -> None:
+    models = {m.name: m for m in client.list_models()}
+    assert set(models) == {"shapes", "broken"}
+    shapes = models["shapes"]
+    assert shapes.ready and shapes.reason == ""
+    assert shapes.labels == LABELS
+    assert (shapes.inputs.height_px, shapes.inputs.width_px, shapes.inputs.channels) == (128, 128, 3)
+    assert shapes.default_layer in [layer.name for layer in shapes.layers]
+    assert not models["broken"].ready
+    assert "ONNX" in models["broken"].reason
+
+
+def test_get_model(client: SaliencyClient) -> None:
+    model = client.get_model("shapes")
+    assert model.name == "shapes" and model.ready
+    assert all(len(layer.shape) == 3 for layer in model.layers)
+
+
+def test_list_methods_publishes_every_parameter(client: SaliencyClient) -> None:
+    catalog = client.list_methods()
+    names = {m.name for m in catalog.methods}
+    assert set(FIRST_METHODS) <= names
+    assert {"deletion", "insertion"} <= {m.name for m in catalog.metrics}
+    assert "grid_regions" in {t.name for t in catalog.templates}
+    steps = next(p for p in catalog.get("integrated_gradients").parameters if p.name == "steps")
+    assert steps.type == "int" and steps.default == 50 and steps.minimum == 1 and steps.maximum is not None
+    rule = next(p for p in catalog.get("integrated_gradients").parameters if p.name == "rule")
+    assert "gauss_legendre" in rule.choices
+    assert catalog.get("grad_cam").uses_layer and not catalog.get("saliency").uses_layer
+    assert catalog.get("deletion").higher_is_better is False and catalog.get("insertion").higher_is_better is True
+    for info in [*catalog.methods, *catalog.metrics, *catalog.templates]:
+        assert info.description, f"{info.name} has no description"
+
+
+@pytest.mark.parametrize("method", FIRST_METHODS)
+def test_explain_each_method(client: SaliencyClient, samples: list[Sample], method: str) -> None:
+    sample = samples[1]
+    (explanation,) = client.explain("shapes", [sample.image], method=method, seed=3)
+    assert explanation.saliency.shape == (128, 128)
+    assert explanation.saliency.dtype == np.float32
+    assert np.isfinite(explanation.saliency).all()
+    assert explanation.predicted == explanation.target == sample.label
+    assert explanation.label == LABELS[sample.label]
+    assert math.isclose(float(explanation.probabilities.sum()), 1.0, rel_tol=1e-4)
+    provenance = explanation.provenance
+    assert (provenance.model, provenance.method, provenance.seed) == ("shapes", method, 3)
+    assert provenance.model_version
+    assert "attribute" in provenance.timings_ms
+    if method in ("grad_cam", "eigen_cam"):
+        assert provenance.layer
+
+
+def test_map_comes_back_at_the_input_images_resolution(client: SaliencyClient, image: np.ndarray) -> None:
+    big = np.asarray(Image.fromarray(image).resize((200, 150)))
+    explanations = client.explain("shapes", [big, _png(image), image.astype(np.float32) / 255.0], method="grad_cam")
+    assert [e.saliency.shape for e in explanations] == [(150, 200), (128, 128), (128, 128)]
+    np.testing.assert_allclose(explanations[1].saliency, explanations[2].saliency, atol=1e-5)
+
+
+def test_target_by_index_and_label_and_batch_equals_single(client: SaliencyClient, samples: list[Sample]) -> None:
+    images = [s.image for s in samples[:3]]
+    by_label = client.explain("shapes", images, method="saliency", target="ring")
+    by_index = client.explain("shapes", images, method="saliency", target=LABELS.index("ring"))
+    assert all(e.target == LABELS.index("ring") and e.label == "ring" for e in by_label)
+    for a, b in zip(by_label, by_index, strict=True):
+        np.testing.assert_array_equal(a.saliency, b.saliency)
+    for i, image in enumerate(images):
+        (single,) = client.explain("shapes", [image], method="saliency", target="ring")
+        np.testing.assert_allclose(single.saliency, by_label[i].saliency, rtol=1e-4, atol=1e-6)
+
+
+def test_grad_cam_peak_lies_on_the_shape(client: SaliencyClient, samples: list[Sample]) -> None:
+    explanations = client.explain("shapes", [s.image for s in samples], method="grad_cam")
+    hits = [bool(s.mask.flat[int(np.argmax(e.saliency))]) for s, e in zip(samples, explanations, strict=True)]
+    assert sum(hits) >= len(hits) - 1, hits
+
+
+def test_score_deletion_and_insertion(client: SaliencyClient, samples: list[Sample]) -> None:
+    images = [s.image for s in samples[:2]]
+    deletion = client.score("shapes", images, method="grad_cam", metric="deletion")
+    insertion = client.score("shapes", images, method="grad_cam", metric="insertion", params={"step": 256})
+    for result in deletion:
+        assert 0.0 <= result.value <= 1.0
+        assert len(result.curve) == 128 * 128 // 128 + 1
+        assert result.higher_is_better is False and result.metric == "deletion"
+        assert result.provenance.method == "grad_cam"
+    for result in insertion:
+        assert len(result.curve) == 128 * 128 // 256 + 1
+        assert result.params["step"] == 256
+
+
+def test_score_a_supplied_map_ranks_a_good_map_above_its_inverse(client: SaliencyClient, samples: list[Sample]) -> None:
+    masks = [s.mask.astype(np.float32) for s in samples[:3]]
+    images = [s.image for s in samples[:3]]
+    good = client.score("shapes", images, metric="deletion", saliency=masks)
+    bad = client.score("shapes", images, metric="deletion", saliency=[1.0 - m for m in masks])
+    assert all(g.provenance.method == "supplied" for g in good)
+    assert np.mean([g.value for g in good]) < np.mean([b.value for b in bad])
+
+
+def test_verbalize_names_regions_with_shares_from_the_map(client: SaliencyClient, samples: list[Sample]) -> None:
+    sample = samples[2]
+    (verbalization,) = client.verbalize("shapes", [sample.image], method="grad_cam")
+    label = LABELS[sample.label]
+    assert f"'{label}'" in verbalization.text
+    assert verbalization.template == "grid_regions"
+    shares = [int(p) for p in re.findall(r"(\d+)%", verbalization.text)]
+    positives = [f for f in verbalization.facts if f.sign == "positive"]
+    assert shares and len(shares) <= len(positives)
+    for share, fact in zip(shares, sorted(positives, key=lambda f: f.rank), strict=False):
+        assert share == round(100 * fact.share)
+        assert fact.region in verbalization.text
+    assert sum(f.share for f in positives) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_verbalize_model_free(client: SaliencyClient) -> None:
+    saliency = np.zeros((30, 30), dtype=np.float32)
+    saliency[10:20, 10:20] = 1.0
+    (verbalization,) = client.verbalize(saliency=[saliency])
+    assert "100%" in verbalization.text and "centre" in verbalization.text
+
+
+async def test_async_client(address: str, image: np.ndarray) -> None:
+    async with AsyncSaliencyClient(address, timeout=60) as client:
+        models = await client.list_models()
+        (explanation,) = await client.explain("shapes", [image], method="grad_cam")
+    assert "shapes" in {m.name for m in models}
+    assert explanation.saliency.shape == (128, 128)
