@@ -96,7 +96,9 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve a model repository over gRPC")
-    serve.add_argument("--model-repository", type=Path, default=None, help=f"model repository folder (default: the embedded one, {EMBEDDED_REPOSITORY})")
+    serve.add_argument(
+        "--model-repository", type=Path, default=None, help=f"model repository folder (default: the embedded one, {EMBEDDED_REPOSITORY})"
+    )
     serve.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default 9090; 0 disables)")
     serve.add_argument("--host", default=None, help="bind address (default [::])")

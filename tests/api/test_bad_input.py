@@ -53,14 +53,36 @@ def _png(size: tuple[int, int]) -> bytes:
 
 
 CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.StatusCode, str]] = {
-    "undecodable image": (lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", images=[pb.Image(encoded=b"\x89PNG garbage")])), INVALID, "IMAGE_UNDECODABLE"),
+    "undecodable image": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", images=[pb.Image(encoded=b"\x89PNG garbage")])),
+        INVALID,
+        "IMAGE_UNDECODABLE",
+    ),
     "empty image": (lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", images=[pb.Image()])), INVALID, "IMAGE_EMPTY"),
     "no images": (lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam")), INVALID, "NO_IMAGES"),
-    "wrong shape": (lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", images=[_tensor(np.zeros((64, 64), np.uint8))])), INVALID, "INVALID_SHAPE"),
-    "four channels": (lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", images=[_tensor(np.zeros((8, 8, 4), np.uint8))])), INVALID, "INVALID_SHAPE"),
-    "wrong dtype": (lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", images=[_tensor(GOOD, pb.DATA_TYPE_UNSPECIFIED)])), INVALID, "UNSUPPORTED_DTYPE"),
+    "wrong shape": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", images=[_tensor(np.zeros((64, 64), np.uint8))])),
+        INVALID,
+        "INVALID_SHAPE",
+    ),
+    "four channels": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", images=[_tensor(np.zeros((8, 8, 4), np.uint8))])),
+        INVALID,
+        "INVALID_SHAPE",
+    ),
+    "wrong dtype": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", images=[_tensor(GOOD, pb.DATA_TYPE_UNSPECIFIED)])),
+        INVALID,
+        "UNSUPPORTED_DTYPE",
+    ),
     "bytes do not match shape": (
-        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", images=[pb.Image(tensor=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[64, 64, 3], data=b"\0" * 10))])),
+        lambda s: s.Explain(
+            pb.ExplainRequest(
+                model="shapes",
+                method="grad_cam",
+                images=[pb.Image(tensor=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[64, 64, 3], data=b"\0" * 10))],
+            )
+        ),
         INVALID,
         "TENSOR_SIZE_MISMATCH",
     ),
@@ -69,23 +91,41 @@ CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.Sta
         INVALID,
         "VALUE_OUT_OF_RANGE",
     ),
-    "unknown model": (lambda s: s.Explain(pb.ExplainRequest(model="nope", method="grad_cam", images=[_tensor(GOOD)])), NOT_FOUND, "MODEL_NOT_FOUND"),
+    "unknown model": (
+        lambda s: s.Explain(pb.ExplainRequest(model="nope", method="grad_cam", images=[_tensor(GOOD)])),
+        NOT_FOUND,
+        "MODEL_NOT_FOUND",
+    ),
     "model name escaping the repository": (lambda s: s.GetModel(pb.GetModelRequest(name="../shapes")), NOT_FOUND, "MODEL_NOT_FOUND"),
-    "model not ready": (lambda s: s.Explain(pb.ExplainRequest(model="broken", method="grad_cam", images=[_tensor(GOOD)])), PRECONDITION, "MODEL_NOT_READY"),
-    "unknown method": (lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="magic", images=[_tensor(GOOD)])), NOT_FOUND, "UNKNOWN_METHOD"),
+    "model not ready": (
+        lambda s: s.Explain(pb.ExplainRequest(model="broken", method="grad_cam", images=[_tensor(GOOD)])),
+        PRECONDITION,
+        "MODEL_NOT_READY",
+    ),
+    "unknown method": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="magic", images=[_tensor(GOOD)])),
+        NOT_FOUND,
+        "UNKNOWN_METHOD",
+    ),
     "no method": (lambda s: s.Explain(pb.ExplainRequest(model="shapes", images=[_tensor(GOOD)])), INVALID, "METHOD_REQUIRED"),
     "unknown parameter": (
-        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="integrated_gradients", params=_params(stepz=3), images=[_tensor(GOOD)])),
+        lambda s: s.Explain(
+            pb.ExplainRequest(model="shapes", method="integrated_gradients", params=_params(stepz=3), images=[_tensor(GOOD)])
+        ),
         NOT_FOUND,
         "UNKNOWN_PARAMETER",
     ),
     "parameter out of range": (
-        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="integrated_gradients", params=_params(steps=0), images=[_tensor(GOOD)])),
+        lambda s: s.Explain(
+            pb.ExplainRequest(model="shapes", method="integrated_gradients", params=_params(steps=0), images=[_tensor(GOOD)])
+        ),
         INVALID,
         "PARAMETER_OUT_OF_RANGE",
     ),
     "parameter of the wrong type": (
-        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="integrated_gradients", params=_params(rule=3), images=[_tensor(GOOD)])),
+        lambda s: s.Explain(
+            pb.ExplainRequest(model="shapes", method="integrated_gradients", params=_params(rule=3), images=[_tensor(GOOD)])
+        ),
         INVALID,
         "INVALID_PARAMETER",
     ),
@@ -104,7 +144,11 @@ CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.Sta
         NOT_FOUND,
         "UNKNOWN_LABEL",
     ),
-    "unknown layer": (lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", layer="fc9", images=[_tensor(GOOD)])), NOT_FOUND, "UNKNOWN_LAYER"),
+    "unknown layer": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", layer="fc9", images=[_tensor(GOOD)])),
+        NOT_FOUND,
+        "UNKNOWN_LAYER",
+    ),
     "layer for an input-space method": (
         lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="saliency", layer="layer3", images=[_tensor(GOOD)])),
         INVALID,
@@ -116,7 +160,9 @@ CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.Sta
         "BATCH_TOO_LARGE",
     ),
     "oversized message": (
-        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="saliency", images=[_tensor(np.zeros((MAX_MESSAGE_BYTES // 3 + 64, 1, 3), np.uint8))])),
+        lambda s: s.Explain(
+            pb.ExplainRequest(model="shapes", method="saliency", images=[_tensor(np.zeros((MAX_MESSAGE_BYTES // 3 + 64, 1, 3), np.uint8))])
+        ),
         EXHAUSTED,
         "MESSAGE_TOO_LARGE",
     ),
@@ -125,32 +171,57 @@ CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.Sta
         EXHAUSTED,
         "IMAGE_TOO_LARGE",
     ),
-    "unknown metric": (lambda s: s.Score(pb.ScoreRequest(model="shapes", metric="accuracy", method="grad_cam", images=[_tensor(GOOD)])), NOT_FOUND, "UNKNOWN_METRIC"),
+    "unknown metric": (
+        lambda s: s.Score(pb.ScoreRequest(model="shapes", metric="accuracy", method="grad_cam", images=[_tensor(GOOD)])),
+        NOT_FOUND,
+        "UNKNOWN_METRIC",
+    ),
     "metric parameter out of range": (
-        lambda s: s.Score(pb.ScoreRequest(model="shapes", metric="deletion", metric_params=_params(step=0), method="grad_cam", images=[_tensor(GOOD)])),
+        lambda s: s.Score(
+            pb.ScoreRequest(model="shapes", metric="deletion", metric_params=_params(step=0), method="grad_cam", images=[_tensor(GOOD)])
+        ),
         INVALID,
         "PARAMETER_OUT_OF_RANGE",
     ),
     "map count mismatch": (
         lambda s: s.Score(
-            pb.ScoreRequest(model="shapes", metric="deletion", images=[_tensor(GOOD)] * 2, saliency=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 2], data=b"\0" * 16)])
+            pb.ScoreRequest(
+                model="shapes",
+                metric="deletion",
+                images=[_tensor(GOOD)] * 2,
+                saliency=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 2], data=b"\0" * 16)],
+            )
         ),
         INVALID,
         "MAP_COUNT_MISMATCH",
     ),
     "map with NaN": (
-        lambda s: s.Score(pb.ScoreRequest(model="shapes", metric="deletion", images=[_tensor(GOOD)], saliency=[_tensor(np.full((4, 4), np.nan, np.float32)).tensor])),
+        lambda s: s.Score(
+            pb.ScoreRequest(
+                model="shapes", metric="deletion", images=[_tensor(GOOD)], saliency=[_tensor(np.full((4, 4), np.nan, np.float32)).tensor]
+            )
+        ),
         INVALID,
         "VALUE_OUT_OF_RANGE",
     ),
     "map and method together": (
         lambda s: s.Score(
-            pb.ScoreRequest(model="shapes", metric="deletion", method="grad_cam", images=[_tensor(GOOD)], saliency=[_tensor(np.ones((4, 4), np.float32)).tensor])
+            pb.ScoreRequest(
+                model="shapes",
+                metric="deletion",
+                method="grad_cam",
+                images=[_tensor(GOOD)],
+                saliency=[_tensor(np.ones((4, 4), np.float32)).tensor],
+            )
         ),
         INVALID,
         "AMBIGUOUS_SALIENCY",
     ),
-    "unknown template": (lambda s: s.Verbalize(pb.VerbalizeRequest(model="shapes", method="grad_cam", template="poem", images=[_tensor(GOOD)])), NOT_FOUND, "UNKNOWN_TEMPLATE"),
+    "unknown template": (
+        lambda s: s.Verbalize(pb.VerbalizeRequest(model="shapes", method="grad_cam", template="poem", images=[_tensor(GOOD)])),
+        NOT_FOUND,
+        "UNKNOWN_TEMPLATE",
+    ),
     "model-free without maps": (lambda s: s.Verbalize(pb.VerbalizeRequest()), INVALID, "NO_IMAGES"),
     "images without a model": (lambda s: s.Verbalize(pb.VerbalizeRequest(images=[_tensor(GOOD)])), INVALID, "MODEL_REQUIRED"),
 }

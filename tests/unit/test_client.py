@@ -13,11 +13,12 @@ import grpc.aio
 import numpy as np
 import pytest
 import pytest_asyncio
-import saliency_client
 from google.protobuf import any_pb2, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from PIL import Image
+
+import saliency_client
 from saliency.v1 import saliency_service_pb2 as pb
 from saliency.v1 import saliency_service_pb2_grpc as pb_grpc
 from saliency_client import (

@@ -19,8 +19,6 @@ from saliency_service.core.models.repository import ModelRepository
 from saliency_service.core.models.torch_runner import vet_pt2_archive
 
 
-
-
 @pytest.fixture()
 def repo_copy(tiny_cnn: Any, repository: Path, tmp_path: Path) -> Path:
     """A private repository holding a good copy of the tiny CNN, free to corrupt."""
@@ -103,7 +101,16 @@ def test_good_and_broken_models_side_by_side(repo_copy: Path) -> None:
 def test_artifacts_that_disagree_are_not_ready(repo_copy: Path, tiny_cnn: Any, tmp_path: Path) -> None:
     # Swap in an ONNX graph exported from different weights: same shapes, different logits.
     other = type(tiny_cnn.module)()
-    export_model(other.eval(), torch.zeros(1, 3, 20, 28), tmp_path / "other", "tiny-cnn", labels=list("abcd"), layers=["stem", "features"], mean=(0, 0, 0), std=(1, 1, 1))
+    export_model(
+        other.eval(),
+        torch.zeros(1, 3, 20, 28),
+        tmp_path / "other",
+        "tiny-cnn",
+        labels=list("abcd"),
+        layers=["stem", "features"],
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+    )
     shutil.copy(tmp_path / "other" / "tiny-cnn" / "model.onnx", repo_copy / "tiny-cnn" / "model.onnx")
     status = ModelRepository(repo_copy).load_all()[0]
     assert not status.ready

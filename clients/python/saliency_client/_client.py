@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
+
 from saliency.v1 import saliency_service_pb2 as pb
 from saliency.v1 import saliency_service_pb2_grpc as pb_grpc
 

@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import json_format, struct_pb2
+
 from saliency.v1 import saliency_service_pb2 as pb
 
 from ._types import (

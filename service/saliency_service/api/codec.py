@@ -15,11 +15,25 @@ from saliency_service.core.methods import SaliencyMethod
 from saliency_service.core.metrics.base import ScoreMetric
 from saliency_service.core.models.repository import ModelStatus
 from saliency_service.core.params import ParamSpec
-from saliency_service.core.types import EncodedImage, Explanation, ImageInput, Provenance, RawTensor, ScoreResult, TargetRequest, Verbalization
+from saliency_service.core.types import (
+    EncodedImage,
+    Explanation,
+    ImageInput,
+    Provenance,
+    RawTensor,
+    ScoreResult,
+    TargetRequest,
+    Verbalization,
+)
 from saliency_service.core.verbalize.base import Template
 
 _DTYPE_NAMES = {pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_FLOAT32: "float32"}
-_PARAM_TYPES = {"int": pb.PARAMETER_TYPE_INT, "float": pb.PARAMETER_TYPE_FLOAT, "bool": pb.PARAMETER_TYPE_BOOL, "string": pb.PARAMETER_TYPE_STRING}
+_PARAM_TYPES = {
+    "int": pb.PARAMETER_TYPE_INT,
+    "float": pb.PARAMETER_TYPE_FLOAT,
+    "bool": pb.PARAMETER_TYPE_BOOL,
+    "string": pb.PARAMETER_TYPE_STRING,
+}
 
 
 # ---- requests ----
@@ -211,12 +225,18 @@ def _parameter(spec: ParamSpec) -> pb.Parameter:
 
 def method(cls: type[SaliencyMethod]) -> pb.Method:
     return pb.Method(
-        name=cls.name, description=cls.description, family=cls.family, uses_layer=cls.uses_layer, parameters=[_parameter(p) for p in cls.params]
+        name=cls.name,
+        description=cls.description,
+        family=cls.family,
+        uses_layer=cls.uses_layer,
+        parameters=[_parameter(p) for p in cls.params],
     )
 
 
 def metric(cls: type[ScoreMetric]) -> pb.Metric:
-    return pb.Metric(name=cls.name, description=cls.description, higher_is_better=cls.higher_is_better, parameters=[_parameter(p) for p in cls.params])
+    return pb.Metric(
+        name=cls.name, description=cls.description, higher_is_better=cls.higher_is_better, parameters=[_parameter(p) for p in cls.params]
+    )
 
 
 def template(cls: type[Template]) -> pb.Template:

@@ -23,7 +23,9 @@ UNKNOWN = "unknown"
 class SaliencyInterceptor(ServerInterceptor):  # type: ignore[misc]
     """Wraps every SaliencyService unary handler; health and reflection pass through untouched."""
 
-    def __init__(self, max_message_bytes: int, known_models: Callable[[], Collection[str]], known_methods: Callable[[], Collection[str]]) -> None:
+    def __init__(
+        self, max_message_bytes: int, known_models: Callable[[], Collection[str]], known_methods: Callable[[], Collection[str]]
+    ) -> None:
         self.max_message_bytes = max_message_bytes
         self._models = known_models
         self._methods = known_methods
@@ -50,7 +52,8 @@ class SaliencyInterceptor(ServerInterceptor):  # type: ignore[misc]
                 if size > self.max_message_bytes:
                     raise ResourceExhausted(
                         "MESSAGE_TOO_LARGE",
-                        f"the request is {size} bytes; the server accepts at most {self.max_message_bytes} (max_message_bytes): send fewer or smaller images",
+                        f"the request is {size} bytes; the server accepts at most {self.max_message_bytes} "
+                        "(max_message_bytes): send fewer or smaller images",
                         {"limit": self.max_message_bytes, "size": size},
                     )
                 return await inner(request, context)

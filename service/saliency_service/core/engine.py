@@ -170,7 +170,9 @@ class Engine:
         if not job.model:
             # Model-free: the caller's maps alone.
             if job.images or job.method:
-                raise InvalidArgument("MODEL_REQUIRED", "images or a method were sent without a model; name the model, or send only `saliency` maps")
+                raise InvalidArgument(
+                    "MODEL_REQUIRED", "images or a method were sent without a model; name the model, or send only `saliency` maps"
+                )
             check_batch(job.saliency, self.limits, "saliency maps")
             maps = [decode_map(tensor, i, self.limits) for i, tensor in enumerate(job.saliency)]
             with timer.stage("verbalize"):
@@ -205,7 +207,9 @@ class Engine:
                 raise InvalidArgument("NO_LAYER", f"method '{name}' needs a layer, and model '{model.name}' declares none")
             model.config.layer(layer)
         elif layer:
-            raise InvalidArgument("LAYER_NOT_USED", f"method '{name}' works on the input, not at a layer; leave `layer` empty", {"layer": layer})
+            raise InvalidArgument(
+                "LAYER_NOT_USED", f"method '{name}' works on the input, not at a layer; leave `layer` empty", {"layer": layer}
+            )
         return method, params, layer
 
     def _prepare(self, model: LoadedModel, images: Sequence[ImageInput], target: TargetRequest | None, timer: _Timer) -> _Batch:
@@ -237,7 +241,8 @@ class Engine:
             if not 0 <= index < model.config.num_classes:
                 raise InvalidArgument(
                     "TARGET_OUT_OF_RANGE",
-                    f"target class {index} is out of range for model '{model.name}' ({model.config.num_classes} classes: 0..{model.config.num_classes - 1})",
+                    f"target class {index} is out of range for model '{model.name}' "
+                    f"({model.config.num_classes} classes: 0..{model.config.num_classes - 1})",
                     {"target": index, "num_classes": model.config.num_classes},
                 )
         return np.full(len(predicted), index, dtype=np.int64)
@@ -273,7 +278,9 @@ class Engine:
             if method_name or method_params or layer:
                 raise InvalidArgument("AMBIGUOUS_SALIENCY", "send either saliency maps or a method to compute them, not both")
             if len(saliency) != len(images):
-                raise InvalidArgument("MAP_COUNT_MISMATCH", f"{len(saliency)} saliency maps for {len(images)} images; send one map per image")
+                raise InvalidArgument(
+                    "MAP_COUNT_MISMATCH", f"{len(saliency)} saliency maps for {len(images)} images; send one map per image"
+                )
             check_batch(saliency, self.limits, "saliency maps")
             spec = model.config.input
             maps = np.stack([resize_map(decode_map(tensor, i, self.limits), spec.height, spec.width) for i, tensor in enumerate(saliency)])

@@ -68,12 +68,16 @@ def _raw_image(image: RawTensor, index: int, limits: ImageLimits) -> np.ndarray:
         raise InvalidArgument("UNSUPPORTED_DTYPE", f"image {index} has dtype {image.dtype or 'unspecified'}; use uint8 or float32", where)
     shape = tuple(image.shape)
     if len(shape) != 3 or shape[2] != 3 or shape[0] < 1 or shape[1] < 1:
-        raise InvalidArgument("INVALID_SHAPE", f"image {index} has shape {list(shape)}; an image tensor must be [height, width, 3] (RGB)", where)
+        raise InvalidArgument(
+            "INVALID_SHAPE", f"image {index} has shape {list(shape)}; an image tensor must be [height, width, 3] (RGB)", where
+        )
     _check_pixels(shape[1], shape[0], index, limits)
     expected = shape[0] * shape[1] * 3 * dtype.itemsize
     if len(image.data) != expected:
         raise InvalidArgument(
-            "TENSOR_SIZE_MISMATCH", f"image {index}: shape {list(shape)} of {image.dtype} needs {expected} bytes, got {len(image.data)}", where
+            "TENSOR_SIZE_MISMATCH",
+            f"image {index}: shape {list(shape)} of {image.dtype} needs {expected} bytes, got {len(image.data)}",
+            where,
         )
     array = np.frombuffer(image.data, dtype=dtype).reshape(shape)
     if dtype == np.uint8:
@@ -87,7 +91,8 @@ def _check_pixels(width: int, height: int, index: int, limits: ImageLimits) -> N
     if width * height > limits.max_pixels:
         raise ResourceExhausted(
             "IMAGE_TOO_LARGE",
-            f"image {index} is {width}x{height} = {width * height} pixels; the server accepts at most {limits.max_pixels} (max_image_pixels)",
+            f"image {index} is {width}x{height} = {width * height} pixels; "
+            f"the server accepts at most {limits.max_pixels} (max_image_pixels)",
             {"image_index": index, "limit": limits.max_pixels},
         )
 
@@ -96,7 +101,10 @@ def to_model_input(images: Sequence[np.ndarray], spec: InputSpec) -> np.ndarray:
     """Resize each H x W x 3 [0,1] image to the model's size and normalise: B x 3 x h x w float32."""
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
-    batch = [(resize_chw(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), spec.height, spec.width) - mean) / std for image in images]
+    batch = [
+        (resize_chw(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), spec.height, spec.width) - mean) / std
+        for image in images
+    ]
     return torch.stack(batch).numpy()
 
 
@@ -117,16 +125,34 @@ def decode_map(tensor: RawTensor, index: int, limits: ImageLimits) -> np.ndarray
     """Validate a caller-supplied saliency map: float32 [height, width], finite."""
     where = {"map_index": index}
     if tensor.dtype != "float32":
-        raise InvalidArgument("UNSUPPORTED_DTYPE", f"saliency map {index} has dtype {tensor.dtype or 'unspecified'}; maps must be float32", where)
+        raise InvalidArgument(
+            "UNSUPPORTED_DTYPE", f"saliency map {index} has dtype {tensor.dtype or 'unspecified'}; maps must be float32", where
+        )
     shape = tuple(tensor.shape)
     if len(shape) != 2 or min(shape) < 1:
         raise InvalidArgument("INVALID_SHAPE", f"saliency map {index} has shape {list(shape)}; a map must be [height, width]", where)
     _check_pixels(shape[1], shape[0], index, limits)
     if len(tensor.data) != shape[0] * shape[1] * 4:
         raise InvalidArgument(
-            "TENSOR_SIZE_MISMATCH", f"saliency map {index}: shape {list(shape)} of float32 needs {shape[0] * shape[1] * 4} bytes, got {len(tensor.data)}", where
+            "TENSOR_SIZE_MISMATCH",
+            f"saliency map {index}: shape {list(shape)} of float32 needs {shape[0] * shape[1] * 4} bytes, got {len(tensor.data)}",
+            where,
         )
     data = np.frombuffer(tensor.data, dtype="<f4").reshape(shape)
     if not np.isfinite(data).all():
         raise InvalidArgument("VALUE_OUT_OF_RANGE", f"saliency map {index} has NaN or infinite values", {"map_index": index})
     return data.astype(np.float32)
+
+
+BLUR_SIZE = 11
+BLUR_SIGMA = 5.0
+
+
+def gaussian_blur(x: torch.Tensor) -> torch.Tensor:
+    """RISE's blur: 11x11 Gaussian, sigma 5, per channel, zero padding 5, in normalised space."""
+    offsets = torch.arange(BLUR_SIZE, dtype=torch.float64) - BLUR_SIZE // 2
+    profile = torch.exp(-(offsets**2) / (2 * BLUR_SIGMA**2))
+    profile = profile / profile.sum()
+    channels = x.shape[1]
+    kernel = torch.outer(profile, profile).to(x.dtype).expand(channels, 1, BLUR_SIZE, BLUR_SIZE)
+    return F.conv2d(x, kernel, padding=BLUR_SIZE // 2, groups=channels)

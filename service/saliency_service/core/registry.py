@@ -23,7 +23,7 @@ class Registry(Generic[T]):
         def add(item: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
-            setattr(item, "name", name)
+            item.name = name
             self._items[name] = item
             return item
 

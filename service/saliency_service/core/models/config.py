@@ -111,9 +111,7 @@ class ModelConfig:
             config = cls(
                 name=str(raw["name"]),
                 version=str(raw["version"]),
-                input=InputSpec(
-                    **{**raw["input"], "mean": tuple(raw["input"]["mean"]), "std": tuple(raw["input"]["std"])}
-                ),
+                input=InputSpec(**{**raw["input"], "mean": tuple(raw["input"]["mean"]), "std": tuple(raw["input"]["std"])}),
                 labels=tuple(str(label) for label in raw["labels"]),
                 layers=tuple(
                     LayerSpec(
@@ -124,7 +122,11 @@ class ModelConfig:
                     )
                     for layer in raw["layers"]
                 ),
-                **{k: raw[k] for k in ("task", "description", "onnx_file", "torch_file", "onnx_logits_output", "logits_tolerance", "extra") if k in raw},
+                **{
+                    k: raw[k]
+                    for k in ("task", "description", "onnx_file", "torch_file", "onnx_logits_output", "logits_tolerance", "extra")
+                    if k in raw
+                },
             )
         except FileNotFoundError:
             raise FailedPrecondition("MODEL_CONFIG_MISSING", f"{path} does not exist", {"path": str(path)}) from None

@@ -114,7 +114,9 @@ def export_model(
         name=name,
         version=version,
         description=description,
-        input=InputSpec(height=int(x.shape[2]), width=int(x.shape[3]), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std)),
+        input=InputSpec(
+            height=int(x.shape[2]), width=int(x.shape[3]), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std)
+        ),
         labels=tuple(labels),
         layers=tuple(
             LayerSpec(name=layer, onnx_output=_onnx_output_name(i, layer), probe_index=i, shape=shape)  # type: ignore[arg-type]

@@ -50,6 +50,11 @@ class LoadedModel:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def max_batch(self) -> int:
+        """Items per forward or backward pass; larger batches are split into chunks of this size."""
+        return self.onnx.max_batch
+
     def check_agreement(self, batch: int = 2, seed: int = 0) -> float:
         """Run both artifacts on the same input; raise if logits or layer shapes disagree."""
         spec = self.config.input
@@ -59,7 +64,9 @@ class LoadedModel:
             with torch.no_grad():
                 torch_logits, activations = self.program.forward(torch.from_numpy(x), self.program.zero_probes(batch))
         except Exception as exc:
-            raise FailedPrecondition("MODEL_RUN_FAILED", f"model '{self.name}' failed on a test input: {exc}", {"model": self.name}) from None
+            raise FailedPrecondition(
+                "MODEL_RUN_FAILED", f"model '{self.name}' failed on a test input: {exc}", {"model": self.name}
+            ) from None
         onnx_logits = outputs[0]
         if onnx_logits.shape != (batch, self.config.num_classes):
             raise FailedPrecondition(
@@ -69,7 +76,9 @@ class LoadedModel:
             )
         for layer, onnx_act, torch_act in zip(self.config.layers, outputs[1:], activations, strict=True):
             if onnx_act.shape[1:] != layer.shape or tuple(torch_act.shape[1:]) != layer.shape:
-                raise FailedPrecondition("MODEL_OUTPUT_MISMATCH", f"layer '{layer.name}' shape differs from its config {layer.shape}", {"model": self.name})
+                raise FailedPrecondition(
+                    "MODEL_OUTPUT_MISMATCH", f"layer '{layer.name}' shape differs from its config {layer.shape}", {"model": self.name}
+                )
         difference = float(np.abs(onnx_logits - torch_logits.numpy()).max())
         if difference > self.config.logits_tolerance:
             raise FailedPrecondition(
@@ -99,7 +108,7 @@ class LoadedModel:
     def input_gradient(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and d(sum_b sum_k weights[b,k] * logits[b,k]) / dx, in chunks of max_batch."""
         logits_parts, grad_parts = [], []
-        step = self.onnx.max_batch
+        step = self.max_batch
         for start in range(0, len(x), step):
             xs = x[start : start + step].detach().clone().requires_grad_(True)
             with torch.enable_grad():
@@ -114,7 +123,7 @@ class LoadedModel:
         """Logits, the layer's activation, and the objective's gradient with respect to it."""
         index = self.config.layer(layer).probe_index
         logits_parts, act_parts, grad_parts = [], [], []
-        step = self.onnx.max_batch
+        step = self.max_batch
         for start in range(0, len(x), step):
             xs = x[start : start + step].detach()
             probes = self.program.zero_probes(len(xs))

@@ -31,9 +31,15 @@ def vet_pt2_archive(path: Path) -> None:
                     for fqn, meta in config.items():
                         path_name = str(meta.get("path_name", ""))
                         if meta.get("use_pickle"):
-                            raise FailedPrecondition("UNSAFE_MODEL_FILE", f"{path}: '{fqn}' is stored as a pickle; refusing to load it", {"path": str(path)})
+                            raise FailedPrecondition(
+                                "UNSAFE_MODEL_FILE", f"{path}: '{fqn}' is stored as a pickle; refusing to load it", {"path": str(path)}
+                            )
                         if name.endswith("_constants_config.json") and not path_name.startswith(_SAFE_CONSTANT_PREFIX):
-                            raise FailedPrecondition("UNSAFE_MODEL_FILE", f"{path}: constant '{fqn}' is a custom object; refusing to load it", {"path": str(path)})
+                            raise FailedPrecondition(
+                                "UNSAFE_MODEL_FILE",
+                                f"{path}: constant '{fqn}' is a custom object; refusing to load it",
+                                {"path": str(path)},
+                            )
                 elif "/sample_inputs/" in name:
                     # torch falls back to a full unpickle when weights_only fails: make sure it cannot.
                     import io

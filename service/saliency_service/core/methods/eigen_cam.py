@@ -1,0 +1,56 @@
+"""Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): the layer's first principal direction, gradient-free."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from saliency_service.core.methods.base import METHODS, MethodInput, SaliencyMethod
+from saliency_service.core.methods.cam import postprocess_cam, require_layer
+from saliency_service.core.params import ParamSpec
+
+
+def first_component_projection(activations: torch.Tensor, center: bool) -> torch.Tensor:
+    """Project each item's Z x K activation matrix O on its first right singular vector: B x h x w.
+
+    The SVD's sign is arbitrary, and the ReLU that follows would turn a flipped component into an
+    empty map, so the sign is fixed (METHODS.md §1.6): uncentred, sum(v1) >= 0 (Perron-Frobenius
+    makes v1 non-negative for non-negative activations); centred, the map correlates positively
+    with the channel sum.
+    """
+    batch, channels, h, w = activations.shape
+    # float64: the SVD of near-degenerate spectra is where float32 loses the first component.
+    raw = activations.detach().to(torch.float64).reshape(batch, channels, h * w).transpose(1, 2)
+    matrix = raw - raw.mean(dim=1, keepdim=True) if center else raw
+    _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    v1 = vh[:, 0, :]
+    projection = (matrix @ v1[:, :, None])[:, :, 0]
+    if center:
+        agreement = (projection * raw.sum(dim=2)).sum(dim=1)
+    else:
+        agreement = v1.sum(dim=1)
+    sign = torch.where(agreement < 0, -1.0, 1.0).to(torch.float64)
+    maps: torch.Tensor = (projection * sign[:, None]).reshape(batch, h, w)
+    return maps
+
+
+@METHODS.register("eigen_cam")
+class EigenCam(SaliencyMethod):
+    description = "Eigen-CAM: the layer's activations projected on their first right singular vector; class-agnostic and gradient-free."
+    family = "cam"
+    uses_layer = True
+    params = (
+        ParamSpec(
+            "center",
+            "bool",
+            False,
+            "Subtract each channel's spatial mean before the SVD (pytorch-grad-cam); false is the paper's uncentred SVD.",
+        ),
+    )
+
+    def attribute(self, request: MethodInput) -> np.ndarray:
+        layer = require_layer(request, self.name)
+        _, activations = request.model.forward(np.ascontiguousarray(request.x, dtype=np.float32), [layer])
+        maps = first_component_projection(torch.from_numpy(activations[layer]), bool(request.params["center"]))
+        spec = request.model.config.input
+        return postprocess_cam(maps, spec.height, spec.width)

@@ -1,0 +1,137 @@
+"""Input-gradient methods: vanilla gradient (Simonyan et al. 2014) and Integrated Gradients (Sundararajan et al. 2017)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from saliency_service.core.errors import InvalidArgument
+from saliency_service.core.images import gaussian_blur
+from saliency_service.core.methods.base import METHODS, MethodInput, SaliencyMethod
+from saliency_service.core.models.model import LoadedModel
+from saliency_service.core.params import ParamSpec
+
+MAX_IG_STEPS = 1024
+IG_RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gauss_legendre")
+IG_BASELINES = ("zero", "blur", "uniform")
+
+
+def _as_tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+@METHODS.register("saliency")
+class Saliency(SaliencyMethod):
+    description = "Vanilla gradient (Simonyan et al.): per pixel, the largest |d logit / d input| over the colour channels."
+    family = "gradient"
+    params = (
+        ParamSpec(
+            "abs",
+            "bool",
+            True,
+            "True: max over channels of |gradient| (the paper's map). False: the signed gradient summed over channels.",
+        ),
+    )
+
+    def attribute(self, request: MethodInput) -> np.ndarray:
+        _, gradient = request.model.input_gradient(_as_tensor(request.x), request.objective())
+        if request.params["abs"]:
+            return gradient.abs().amax(dim=1).numpy()
+        return gradient.sum(dim=1).numpy()
+
+
+def path_rule(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Path positions alpha_k and step weights s_k for an IG quadrature rule (METHODS.md §7.1).
+
+    riemann_trapezoid keeps Captum's weights (1/n, first and last halved), which sum to 1 - 1/n.
+    """
+    if rule not in IG_RULES:
+        raise InvalidArgument(
+            "INVALID_PARAMETER", f"unknown integration rule '{rule}'; use one of {', '.join(IG_RULES)}", {"parameter": "rule"}
+        )
+    if rule.startswith("riemann") and steps < 2:
+        raise InvalidArgument(
+            "TOO_FEW_STEPS",
+            f"rule '{rule}' needs steps >= 2 (got {steps}); raise steps or use rule 'gauss_legendre'",
+            {"parameter": "steps", "rule": rule},
+        )
+    k = np.arange(steps, dtype=np.float64)
+    uniform = np.full(steps, 1.0 / steps)
+    if rule == "riemann_left":
+        return k / steps, uniform
+    if rule == "riemann_right":
+        return (k + 1) / steps, uniform
+    if rule == "riemann_middle":
+        return (k + 0.5) / steps, uniform
+    if rule == "riemann_trapezoid":
+        weights = uniform.copy()
+        weights[[0, -1]] /= 2
+        return np.linspace(0.0, 1.0, steps), weights
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+    return (nodes + 1) / 2, weights / 2
+
+
+def ig_baseline(kind: str, x: torch.Tensor, model: LoadedModel, seed: int) -> torch.Tensor:
+    """The path's start x' (normalised space), same shape as x."""
+    if kind == "zero":
+        return torch.zeros_like(x)
+    if kind == "blur":
+        return gaussian_blur(x)
+    spec = model.config.input
+    # One noise image shared by every item, so an item's attribution does not depend on its batch position.
+    noise = np.random.default_rng(seed).random((spec.channels, spec.height, spec.width))
+    mean = np.asarray(spec.mean)[:, None, None]
+    std = np.asarray(spec.std)[:, None, None]
+    return torch.from_numpy(((noise - mean) / std).astype(np.float32)).expand_as(x).clone()
+
+
+@METHODS.register("integrated_gradients")
+class IntegratedGradients(SaliencyMethod):
+    description = (
+        "Integrated Gradients: (x - x') times the gradient integrated along the straight path from a "
+        "baseline x'; summed over channels, signed, so the map sums to about logit(x) - logit(x')."
+    )
+    family = "gradient"
+    params = (
+        ParamSpec(
+            "steps",
+            "int",
+            50,
+            f"Quadrature points along the path, 1..{MAX_IG_STEPS}: capped because each step costs one backward pass "
+            "per image. Riemann rules need >= 2.",
+            minimum=1,
+            maximum=MAX_IG_STEPS,
+        ),
+        ParamSpec("rule", "string", "gauss_legendre", "Quadrature rule for the path integral (Captum's names).", choices=IG_RULES),
+        ParamSpec(
+            "baseline",
+            "string",
+            "zero",
+            "zero: all zeros in normalised space (the dataset mean); blur: 11x11 sigma=5 Gaussian blur of the input; "
+            "uniform: uniform noise over the valid pixel range, drawn from the request's seed.",
+            choices=IG_BASELINES,
+        ),
+    )
+
+    def attribute(self, request: MethodInput) -> np.ndarray:
+        steps = int(request.params["steps"])
+        alphas, step_weights = path_rule(str(request.params["rule"]), steps)
+        x = _as_tensor(request.x)
+        baseline = ig_baseline(str(request.params["baseline"]), x, request.model, request.seed)
+        delta = x - baseline
+        objective = request.objective()
+        alpha_t = torch.from_numpy(alphas).float()
+        weight_t = torch.from_numpy(step_weights)
+
+        # Row r of the flattened B*steps path batch is item r // steps at step r % steps. Rows are
+        # built one model-sized chunk at a time so memory stays bounded however large steps is.
+        rows = len(x) * steps
+        chunk = request.model.max_batch
+        integrated = torch.zeros(x.shape, dtype=torch.float64)
+        for start in range(0, rows, chunk):
+            index = torch.arange(start, min(rows, start + chunk))
+            item, step = index // steps, index % steps
+            points = baseline[item] + alpha_t[step].view(-1, 1, 1, 1) * delta[item]
+            _, gradient = request.model.input_gradient(points, objective[item])
+            integrated.index_add_(0, item, gradient.double() * weight_t[step].view(-1, 1, 1, 1))
+        return (delta.double() * integrated).sum(dim=1).float().numpy()
