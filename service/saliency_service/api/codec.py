@@ -14,7 +14,7 @@ from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.methods import SaliencyMethod
 from saliency_service.core.metrics.base import ScoreMetric
 from saliency_service.core.models.repository import ModelStatus
-from saliency_service.core.params import ParamSpec
+from saliency_service.core.params import ParamSpec, ParamValue
 from saliency_service.core.types import (
     EncodedImage,
     Explanation,
@@ -213,9 +213,17 @@ def model(status: ModelStatus) -> pb.Model:
     return message
 
 
+def _value(value: ParamValue) -> struct_pb2.Value:
+    if isinstance(value, bool):
+        return struct_pb2.Value(bool_value=value)
+    if isinstance(value, str):
+        return struct_pb2.Value(string_value=value)
+    return struct_pb2.Value(number_value=float(value))
+
+
 def _parameter(spec: ParamSpec) -> pb.Parameter:
     message = pb.Parameter(name=spec.name, type=_PARAM_TYPES[spec.type], description=spec.description, choices=list(spec.choices))
-    json_format.ParseDict(spec.default, message.default_value)
+    message.default_value.CopyFrom(_value(spec.default))
     if spec.minimum is not None:
         message.minimum = spec.minimum
     if spec.maximum is not None:

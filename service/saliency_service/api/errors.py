@@ -23,8 +23,8 @@ _CODES: dict[type[errors.SaliencyError], grpc.StatusCode] = {
 
 def status_code(error: errors.SaliencyError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
-        if cls in _CODES:
-            return _CODES[cls]  # type: ignore[index]
+        if issubclass(cls, errors.SaliencyError) and cls in _CODES:
+            return _CODES[cls]
     return grpc.StatusCode.INTERNAL
 
 
@@ -33,4 +33,5 @@ def to_status(error: errors.SaliencyError) -> grpc.Status:
     code = status_code(error)
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))
-    return rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=[info]))
+    status: grpc.Status = rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=[info]))
+    return status

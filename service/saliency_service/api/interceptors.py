@@ -20,7 +20,7 @@ SERVICE_PREFIX = "/saliency.v1.SaliencyService/"
 UNKNOWN = "unknown"
 
 
-class SaliencyInterceptor(ServerInterceptor):  # type: ignore[misc]
+class SaliencyInterceptor(ServerInterceptor):
     """Wraps every SaliencyService unary handler; health and reflection pass through untouched."""
 
     def __init__(
@@ -31,15 +31,17 @@ class SaliencyInterceptor(ServerInterceptor):  # type: ignore[misc]
         self._methods = known_methods
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         if handler is None or not details.method.startswith(SERVICE_PREFIX) or handler.unary_unary is None:
             return handler
         rpc = details.method[len(SERVICE_PREFIX) :]
         inner = handler.unary_unary
 
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             model = getattr(request, "model", "") or ""
             model = model if model in self._models() else (UNKNOWN if model else "")
             method = getattr(request, "method", "") or getattr(request, "metric", "") or ""
@@ -56,7 +58,7 @@ class SaliencyInterceptor(ServerInterceptor):  # type: ignore[misc]
                         "(max_message_bytes): send fewer or smaller images",
                         {"limit": self.max_message_bytes, "size": size},
                     )
-                return await inner(request, context)
+                return await inner(request, context)  # type: ignore[arg-type]  # grpc's stubs type handlers as sync
             except SaliencyError as error:
                 code = status_code(error)
                 await context.abort_with_status(to_status(error))

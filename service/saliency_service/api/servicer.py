@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -19,6 +19,7 @@ from saliency_service.core.metrics import METRICS
 from saliency_service.core.verbalize import TEMPLATES
 from saliency_service.observability import metrics
 
+Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
 J = TypeVar("J")
 
@@ -39,26 +40,26 @@ class SaliencyServicer(pb_grpc.SaliencyServiceServicer):
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
 
-    async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
+    async def Explain(self, request: pb.ExplainRequest, context: Context) -> pb.ExplainResponse:
         job = codec.explain_job(request)
         explanations = await self._run("Explain", self.engine.explain, job, len(job.images))
         return codec.explain_response(explanations, self.engine.repository.get(job.model).config.labels)
 
-    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+    async def Score(self, request: pb.ScoreRequest, context: Context) -> pb.ScoreResponse:
         job = codec.score_job(request)
         return codec.score_response(await self._run("Score", self.engine.score, job, len(job.images)))
 
-    async def Verbalize(self, request: pb.VerbalizeRequest, context: grpc.aio.ServicerContext) -> pb.VerbalizeResponse:
+    async def Verbalize(self, request: pb.VerbalizeRequest, context: Context) -> pb.VerbalizeResponse:
         job = codec.verbalize_job(request)
         return codec.verbalize_response(await self._run("Verbalize", self.engine.verbalize, job, len(job.images) or len(job.saliency)))
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[codec.model(status) for status in self.engine.repository.statuses()])
 
-    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         return pb.GetModelResponse(model=codec.model(self.engine.repository.status(request.name)))
 
-    async def ListMethods(self, request: pb.ListMethodsRequest, context: grpc.aio.ServicerContext) -> pb.ListMethodsResponse:
+    async def ListMethods(self, request: pb.ListMethodsRequest, context: Context) -> pb.ListMethodsResponse:
         return pb.ListMethodsResponse(
             methods=[codec.method(cls) for cls in METHODS],
             metrics=[codec.metric(cls) for cls in METRICS],

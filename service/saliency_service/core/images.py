@@ -6,6 +6,7 @@ import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from saliency_service.core.types import EncodedImage, ImageInput, RawTensor
 # We enforce our own pixel cap before decoding; PIL's global bomb check would raise its own error type.
 Image.MAX_IMAGE_PIXELS = None
 
-_DTYPES = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
+_DTYPES: dict[str, np.dtype[Any]] = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ def decode_image(image: ImageInput, index: int, limits: ImageLimits) -> np.ndarr
             raise InvalidArgument(
                 "IMAGE_UNDECODABLE", f"image {index} could not be decoded ({type(exc).__name__}: {exc}); send PNG or JPEG bytes", where
             ) from None
-        return rgb.astype(np.float32) / 255.0
+        decoded: np.ndarray = rgb.astype(np.float32) / 255.0
+        return decoded
     return _raw_image(image, index, limits)
 
 
@@ -81,7 +83,8 @@ def _raw_image(image: RawTensor, index: int, limits: ImageLimits) -> np.ndarray:
         )
     array = np.frombuffer(image.data, dtype=dtype).reshape(shape)
     if dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
+        scaled: np.ndarray = array.astype(np.float32) / 255.0
+        return scaled
     if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
         raise InvalidArgument("VALUE_OUT_OF_RANGE", f"image {index}: float32 pixels must be finite and within [0, 1]", where)
     return array.astype(np.float32)

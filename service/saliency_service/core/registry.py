@@ -23,7 +23,7 @@ class Registry(Generic[T]):
         def add(item: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
-            item.name = name
+            setattr(item, "name", name)  # noqa: B010 - T is any plug-in class
             self._items[name] = item
             return item
 
