@@ -29,8 +29,10 @@ typecheck: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python scripts/generate_protos.py
 
+# Retrain the embedded model from scratch (seeded) and write it into the shipped repository.
 train-shapes: $(STAMP)
-	$(BIN)/python -m saliency_service.shapes.train --export service/saliency_service/model_repository
+	$(BIN)/python -m saliency_service.shapes.train --out build/shapes_state.pt
+	$(BIN)/python -m saliency_service.shapes.export --weights build/shapes_state.pt
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache

@@ -83,13 +83,13 @@ def test_map_comes_back_at_the_input_images_resolution(client: SaliencyClient, i
 
 def test_target_by_index_and_label_and_batch_equals_single(client: SaliencyClient, samples: list[Sample]) -> None:
     images = [s.image for s in samples[:3]]
-    by_label = client.explain("shapes", images, method="saliency", target="ring")
-    by_index = client.explain("shapes", images, method="saliency", target=LABELS.index("ring"))
-    assert all(e.target == LABELS.index("ring") and e.label == "ring" for e in by_label)
+    by_label = client.explain("shapes", images, method="saliency", target="heart")
+    by_index = client.explain("shapes", images, method="saliency", target=LABELS.index("heart"))
+    assert all(e.target == LABELS.index("heart") and e.label == "heart" for e in by_label)
     for a, b in zip(by_label, by_index, strict=True):
         np.testing.assert_array_equal(a.saliency, b.saliency)
     for i, image in enumerate(images):
-        (single,) = client.explain("shapes", [image], method="saliency", target="ring")
+        (single,) = client.explain("shapes", [image], method="saliency", target="heart")
         np.testing.assert_allclose(single.saliency, by_label[i].saliency, rtol=1e-4, atol=1e-6)
 
 
@@ -134,7 +134,8 @@ def test_verbalize_names_regions_with_shares_from_the_map(client: SaliencyClient
     for share, fact in zip(shares, sorted(positives, key=lambda f: f.rank), strict=False):
         assert share == round(100 * fact.share)
         assert fact.region in verbalization.text
-    assert sum(f.share for f in positives) == pytest.approx(1.0, abs=1e-6)
+    # Facts are the regions the text names: at most all of the positive evidence.
+    assert 0.0 < sum(f.share for f in positives) <= 1.0 + 1e-6
 
 
 def test_verbalize_model_free(client: SaliencyClient) -> None:

@@ -47,6 +47,7 @@ class SaliencyInterceptor(ServerInterceptor):
             method = getattr(request, "method", "") or getattr(request, "metric", "") or ""
             method = method if method in self._methods() else (UNKNOWN if method else "")
             code = grpc.StatusCode.OK
+            failure: SaliencyError | None = None
             start = time.perf_counter()
             metrics.IN_FLIGHT.labels(rpc).inc()
             try:
@@ -60,8 +61,7 @@ class SaliencyInterceptor(ServerInterceptor):
                     )
                 return await inner(request, context)  # type: ignore[arg-type]  # grpc's stubs type handlers as sync
             except SaliencyError as error:
-                code = status_code(error)
-                await context.abort_with_status(to_status(error))
+                failure = error
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -70,12 +70,15 @@ class SaliencyInterceptor(ServerInterceptor):
                 raise
             except Exception:
                 log.exception("unexpected error in %s", rpc)
-                code = grpc.StatusCode.INTERNAL
-                await context.abort_with_status(to_status(Internal("INTERNAL", "the server failed unexpectedly; the error is logged")))
+                failure = Internal("INTERNAL", "the server failed unexpectedly; the error is logged")
             finally:
+                # Recorded before the status is sent, so a client that sees the status also sees the count.
+                if failure is not None:
+                    code = status_code(failure)
                 metrics.IN_FLIGHT.labels(rpc).dec()
                 metrics.REQUESTS.labels(rpc, model, method, code.name).inc()
                 metrics.REQUEST_SECONDS.labels(rpc, model, method).observe(time.perf_counter() - start)
+            await context.abort_with_status(to_status(failure))
 
         return grpc.unary_unary_rpc_method_handler(
             behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer

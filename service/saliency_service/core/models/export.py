@@ -157,6 +157,7 @@ def export_model(
             raise InvalidArgument("EXPORT_MISMATCH", f"exported logits differ from the module's by {difference:.3g} (> {tolerance})")
         if final.exists():
             shutil.rmtree(final)
+        staging.chmod(0o755)
         staging.rename(final)
         return final
     finally:
