@@ -87,12 +87,24 @@ def main() -> None:
         request = MetricInput(model, x, saliency, targets, resolved, 0)
         seconds = _median_seconds(lambda metric=metric, request=request: metric().score(request), args.repeats)
         passes = 128 * 128 // int(resolved["step"]) + 1
-        rows.append((f"score {metric_name}", f"step={resolved['step']} ({passes} forward passes per image)", seconds, f"{seconds / (forward * passes):.2f}x its passes"))
+        rows.append(
+            (
+                f"score {metric_name}",
+                f"step={resolved['step']} ({passes} forward passes per image)",
+                seconds,
+                f"{seconds / (forward * passes):.2f}x its passes",
+            )
+        )
 
     rows.extend(_captum_rows(model, x, targets, args.repeats))
 
     machine = f"{_cpu_name()}, {args.threads} threads, torch {torch.__version__}, batch {args.batch} images 128x128"
-    lines = [f"### Explain and Score on `shapes` — {machine}", "", "| what | parameters | median seconds | x onnxruntime forward | note |", "|---|---|---|---|---|"]
+    lines = [
+        f"### Explain and Score on `shapes` — {machine}",
+        "",
+        "| what | parameters | median seconds | x onnxruntime forward | note |",
+        "|---|---|---|---|---|",
+    ]
     for name, params, seconds, note in rows:
         lines.append(f"| {name} | {params} | {seconds:.4f} | {seconds / forward:.1f} | {note} |")
     table = "\n".join(lines)

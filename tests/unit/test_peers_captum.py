@@ -45,7 +45,11 @@ def test_integrated_gradients_matches_captum(tiny_cnn: Any, rule: str) -> None:
     params = resolve_params(METHODS.get("integrated_gradients").params, {"steps": 16, "rule": rule}, "ig")
     ours = METHODS.get("integrated_gradients")().attribute(MethodInput(tiny_cnn.model, x, targets, params, None, 0))
     theirs = captum_attr.IntegratedGradients(_forward_module(tiny_cnn)).attribute(
-        torch.from_numpy(x), baselines=torch.zeros_like(torch.from_numpy(x)), target=torch.from_numpy(targets), n_steps=16, method=CAPTUM_RULES[rule]
+        torch.from_numpy(x),
+        baselines=torch.zeros_like(torch.from_numpy(x)),
+        target=torch.from_numpy(targets),
+        n_steps=16,
+        method=CAPTUM_RULES[rule],
     )
     np.testing.assert_allclose(ours, theirs.sum(dim=1).detach().numpy(), rtol=1e-4, atol=1e-5)
 
