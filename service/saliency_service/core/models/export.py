@@ -15,6 +15,8 @@ from torch import nn
 from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.models.config import ONNX_FILE, TORCH_FILE, InputSpec, LayerSpec, ModelConfig, valid_model_name
 from saliency_service.core.models.model import LoadedModel
+from saliency_service.core.models.onnx_runner import OnnxRunner
+from saliency_service.core.models.torch_runner import TorchRunner
 
 _MAX_BATCH = 4096
 
@@ -167,9 +169,6 @@ def export_model(
 
 def _load_staged(staging: Path, config: ModelConfig) -> LoadedModel:
     """Load a staged entry whose folder name is still temporary."""
-    from saliency_service.core.models.onnx_runner import OnnxRunner
-    from saliency_service.core.models.torch_runner import TorchRunner
-
     model = LoadedModel(
         config,
         OnnxRunner(staging / config.onnx_file, prefer_cuda=False),
