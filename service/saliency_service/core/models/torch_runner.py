@@ -8,6 +8,7 @@ so no hooks are installed at request time and concurrent requests share one modu
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from collections.abc import Sequence
@@ -42,8 +43,6 @@ def vet_pt2_archive(path: Path) -> None:
                             )
                 elif "/sample_inputs/" in name:
                     # torch falls back to a full unpickle when weights_only fails: make sure it cannot.
-                    import io
-
                     torch.load(io.BytesIO(archive.read(name)), weights_only=True)
     except FailedPrecondition:
         raise
