@@ -151,3 +151,17 @@ async def test_async_client(address: str, image: np.ndarray) -> None:
         (explanation,) = await client.explain("shapes", [image], method="grad_cam")
     assert "shapes" in {m.name for m in models}
     assert explanation.saliency.shape == (128, 128)
+
+
+def test_verbalize_components_and_signed_grid_through_the_rpc(client: SaliencyClient) -> None:
+    saliency = np.zeros((60, 60), dtype=np.float32)
+    saliency[5:15, 5:15] = 1.0  # top left blob
+    saliency[40:50, 40:50] = -1.0  # negative evidence, bottom right
+    (components,) = client.verbalize(saliency=[saliency], template="components")
+    assert "top left" in components.text and "100%" in components.text
+    (signed,) = client.verbalize(saliency=[saliency], params={"sign": "both"})
+    signs = {(fact.sign, fact.region) for fact in signed.facts}
+    assert ("positive", "top left") in signs and ("negative", "bottom right") in signs
+    catalog = client.list_methods()
+    threshold = next(p for p in catalog.get("components").parameters if p.name == "threshold")
+    assert threshold.minimum == 0.01 and threshold.maximum == 1.0
