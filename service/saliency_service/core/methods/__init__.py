@@ -1,6 +1,11 @@
-"""Saliency methods. Importing this package registers every method in METHODS."""
+"""Saliency methods. Importing this package imports every module in it, which registers each method in METHODS."""
 
-from saliency_service.core.methods import cam, eigen_cam, gradient  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from saliency_service.core.methods.base import METHODS, MethodInput, SaliencyMethod
+
+for _module in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METHODS", "MethodInput", "SaliencyMethod"]

@@ -30,14 +30,35 @@ class MethodInput:
     params: Mapping[str, ParamValue]
     """Validated against the method's `params`, defaults filled in."""
     layer: str | None
-    """A declared layer for methods with `uses_layer`, else None."""
+    """The declared layer this call works at, for methods with `uses_layer`; else None."""
     seed: int
+    foils: np.ndarray | None = None
+    """B int64 contrast classes, or None: with foils the objective is logit[target] - logit[foil]."""
+    baseline: np.ndarray | None = None
+    """B x C x H x W reference inputs supplied by the caller (normalised), for methods that take one."""
+    layers: tuple[str, ...] = ()
+    """Every layer of the request. The engine calls a single-layer method once per layer; a method with
+    `multi_layer` gets them all here in one call."""
 
     def objective(self) -> torch.Tensor:
-        """B x num_classes weights selecting each item's target logit (the objective to differentiate)."""
+        """B x num_classes weights: +1 on each item's target logit, -1 on its foil's (the objective to differentiate)."""
         weights = torch.zeros((len(self.targets), self.model.config.num_classes))
-        weights[torch.arange(len(self.targets)), torch.as_tensor(self.targets, dtype=torch.long)] = 1.0
+        rows = torch.arange(len(self.targets))
+        weights[rows, torch.as_tensor(self.targets, dtype=torch.long)] = 1.0
+        if self.foils is not None:
+            weights[rows, torch.as_tensor(self.foils, dtype=torch.long)] = -1.0
         return weights
+
+    def objective_of(self, logits: np.ndarray, items: np.ndarray | None = None) -> np.ndarray:
+        """The objective's value per row of `logits` (N x num_classes): the target logit, minus the foil's.
+
+        `items` maps each row to its request item (for perturbation batches); default row i is item i.
+        """
+        index = np.arange(len(logits)) if items is None else np.asarray(items)
+        values: np.ndarray = logits[np.arange(len(logits)), self.targets[index]].astype(np.float64)
+        if self.foils is not None:
+            values = values - logits[np.arange(len(logits)), self.foils[index]]
+        return values
 
 
 class SaliencyMethod(ABC):
@@ -47,6 +68,11 @@ class SaliencyMethod(ABC):
     family: ClassVar[str]
     """"cam", "gradient" or "perturbation"."""
     uses_layer: ClassVar[bool] = False
+    multi_layer: ClassVar[bool] = False
+    """True: the method combines several layers itself (gets `MethodInput.layers`); False: the engine
+    runs it per layer and averages the normalised maps (ML-Att)."""
+    contrastive: ClassVar[bool] = True
+    """Whether a foil class is meaningful: False for class-agnostic methods (Eigen-CAM)."""
     params: ClassVar[tuple[ParamSpec, ...]] = ()
 
     @abstractmethod

@@ -39,6 +39,7 @@ class EigenCam(SaliencyMethod):
     description = "Eigen-CAM: the layer's activations projected on their first right singular vector; class-agnostic and gradient-free."
     family = "cam"
     uses_layer = True
+    contrastive = False
     params = (
         ParamSpec(
             "center",

@@ -28,10 +28,19 @@ class RuntimeOptions:
 class LoadedModel:
     """ONNX for forward passes, the torch program for gradients; both give the same logits."""
 
-    def __init__(self, config: ModelConfig, onnx: OnnxRunner, program: TorchRunner, observer: PassObserver | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        onnx: OnnxRunner,
+        program: TorchRunner,
+        observer: PassObserver | None = None,
+        folder: Path | None = None,
+    ) -> None:
         self.config = config
         self.onnx = onnx
         self.program = program
+        self.folder = folder
+        """The model's folder in the repository, where per-model method data (e.g. LP-CAM prototypes) lives."""
         self._observe = observer or (lambda model, kind, batch: None)
 
     @classmethod
@@ -42,7 +51,7 @@ class LoadedModel:
                 raise FailedPrecondition("MODEL_FILE_MISSING", f"{folder / name} does not exist", {"path": str(folder / name)})
         onnx = OnnxRunner(folder / config.onnx_file, max_batch=options.max_batch, threads=options.threads, prefer_cuda=options.prefer_cuda)
         program = TorchRunner(folder / config.torch_file, [layer.shape for layer in config.layers])
-        model = cls(config, onnx, program, observer)
+        model = cls(config, onnx, program, observer, folder)
         model.check_agreement()
         return model
 
@@ -136,3 +145,22 @@ class LoadedModel:
             act_parts.append(activations[index].detach())
             grad_parts.append(grad)
         return torch.cat(logits_parts), torch.cat(act_parts), torch.cat(grad_parts)
+
+    def logits_with_delta(self, x: torch.Tensor, layer: str, delta: torch.Tensor) -> torch.Tensor:
+        """Logits when `delta` (same shape as the layer's activation) is added to the layer's output.
+
+        This is how perturbations at a layer (Ablation-CAM's zeroed channels) run without re-exporting:
+        the program's probe for that layer carries the delta. No gradients; chunked by max_batch.
+        """
+        index = self.config.layer(layer).probe_index
+        parts = []
+        step = self.max_batch
+        with torch.no_grad():
+            for start in range(0, len(x), step):
+                xs = x[start : start + step]
+                probes = self.program.zero_probes(len(xs))
+                probes[index] = delta[start : start + step].to(probes[index].dtype)
+                logits, _ = self.program.forward(xs, probes)
+                self._observe(self.name, "forward", len(xs))
+                parts.append(logits)
+        return torch.cat(parts)
