@@ -71,6 +71,8 @@ class SaliencyMethod(ABC):
     multi_layer: ClassVar[bool] = False
     """True: the method combines several layers itself (gets `MethodInput.layers`); False: the engine
     runs it per layer and averages the normalised maps (ML-Att)."""
+    takes_baseline: ClassVar[bool] = False
+    """Whether the method uses a caller-supplied reference input (`MethodInput.baseline`)."""
     contrastive: ClassVar[bool] = True
     """Whether a foil class is meaningful: False for class-agnostic methods (Eigen-CAM)."""
     params: ClassVar[tuple[ParamSpec, ...]] = ()

@@ -7,7 +7,8 @@ import torch
 
 from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.images import gaussian_blur
-from saliency_service.core.methods.base import METHODS, MethodInput, SaliencyMethod
+from saliency_service.core.methods.base import METHODS, MethodInput
+from saliency_service.core.methods.noise import GradientMethod
 from saliency_service.core.models.model import LoadedModel
 from saliency_service.core.params import ParamSpec
 
@@ -21,10 +22,9 @@ def _as_tensor(x: np.ndarray) -> torch.Tensor:
 
 
 @METHODS.register("saliency")
-class Saliency(SaliencyMethod):
+class Saliency(GradientMethod):
     description = "Vanilla gradient (Simonyan et al.): per pixel, the largest |d logit / d input| over the colour channels."
-    family = "gradient"
-    params = (
+    own_params = (
         ParamSpec(
             "abs",
             "bool",
@@ -33,7 +33,7 @@ class Saliency(SaliencyMethod):
         ),
     )
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def attribute_once(self, request: MethodInput) -> np.ndarray:
         _, gradient = request.model.input_gradient(_as_tensor(request.x), request.objective())
         if request.params["abs"]:
             return gradient.abs().amax(dim=1).numpy()
@@ -86,13 +86,12 @@ def ig_baseline(kind: str, x: torch.Tensor, model: LoadedModel, seed: int) -> to
 
 
 @METHODS.register("integrated_gradients")
-class IntegratedGradients(SaliencyMethod):
+class IntegratedGradients(GradientMethod):
     description = (
         "Integrated Gradients: (x - x') times the gradient integrated along the straight path from a "
         "baseline x'; summed over channels, signed, so the map sums to about logit(x) - logit(x')."
     )
-    family = "gradient"
-    params = (
+    own_params = (
         ParamSpec(
             "steps",
             "int",
@@ -113,7 +112,7 @@ class IntegratedGradients(SaliencyMethod):
         ),
     )
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def attribute_once(self, request: MethodInput) -> np.ndarray:
         steps = int(request.params["steps"])
         alphas, step_weights = path_rule(str(request.params["rule"]), steps)
         x = _as_tensor(request.x)
