@@ -224,6 +224,75 @@ CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.Sta
     ),
     "model-free without maps": (lambda s: s.Verbalize(pb.VerbalizeRequest()), INVALID, "NO_IMAGES"),
     "images without a model": (lambda s: s.Verbalize(pb.VerbalizeRequest(images=[_tensor(GOOD)])), INVALID, "MODEL_REQUIRED"),
+    "layer and layers together": (
+        lambda s: s.Explain(
+            pb.ExplainRequest(model="shapes", method="grad_cam", layer="layer3", layers=["layer2"], images=[_tensor(GOOD)])
+        ),
+        INVALID,
+        "AMBIGUOUS_LAYERS",
+    ),
+    "a layer twice": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", layers=["layer3", "layer3"], images=[_tensor(GOOD)])),
+        INVALID,
+        "DUPLICATE_LAYER",
+    ),
+    "unknown layer among several": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", layers=["layer3", "fc9"], images=[_tensor(GOOD)])),
+        NOT_FOUND,
+        "UNKNOWN_LAYER",
+    ),
+    "layers for an input method": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="saliency", layers=["layer3"], images=[_tensor(GOOD)])),
+        INVALID,
+        "LAYER_NOT_USED",
+    ),
+    "foil for a class-agnostic method": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="eigen_cam", foil=pb.Target(label="star"), images=[_tensor(GOOD)])),
+        INVALID,
+        "FOIL_NOT_SUPPORTED",
+    ),
+    "foil equal to the target": (
+        lambda s: s.Explain(
+            pb.ExplainRequest(
+                model="shapes", method="grad_cam", target=pb.Target(label="star"), foil=pb.Target(label="star"), images=[_tensor(GOOD)]
+            )
+        ),
+        INVALID,
+        "FOIL_IS_TARGET",
+    ),
+    "unknown foil label": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", foil=pb.Target(label="ring"), images=[_tensor(GOOD)])),
+        NOT_FOUND,
+        "UNKNOWN_LABEL",
+    ),
+    "foil out of range": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", foil=pb.Target(class_index=99), images=[_tensor(GOOD)])),
+        INVALID,
+        "TARGET_OUT_OF_RANGE",
+    ),
+    "foil with supplied maps": (
+        lambda s: s.Score(
+            pb.ScoreRequest(
+                model="shapes",
+                metric="deletion",
+                foil=pb.Target(label="star"),
+                images=[_tensor(GOOD)],
+                saliency=[_tensor(np.ones((4, 4), np.float32)).tensor],
+            )
+        ),
+        INVALID,
+        "FOIL_WITHOUT_METHOD",
+    ),
+    "baseline for a method that takes none": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", baselines=[_tensor(GOOD)], images=[_tensor(GOOD)])),
+        INVALID,
+        "BASELINE_NOT_USED",
+    ),
+    "empty baseline": (
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", baselines=[pb.Image()], images=[_tensor(GOOD)])),
+        INVALID,
+        "BASELINE_EMPTY",
+    ),
 }
 
 

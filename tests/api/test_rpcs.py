@@ -165,3 +165,20 @@ def test_verbalize_components_and_signed_grid_through_the_rpc(client: SaliencyCl
     catalog = client.list_methods()
     threshold = next(p for p in catalog.get("components").parameters if p.name == "threshold")
     assert threshold.minimum == 0.01 and threshold.maximum == 1.0
+
+
+def test_explain_with_a_foil_and_several_layers(client: SaliencyClient, samples: list[Sample]) -> None:
+    sample = samples[1]
+    foil = LABELS[(sample.label + 1) % len(LABELS)]
+    (explanation,) = client.explain("shapes", [sample.image], method="grad_cam", foil=foil, layers=["layer2", "layer3"])
+    assert list(explanation.layer_maps) == ["layer2", "layer3"]
+    for saliency in explanation.layer_maps.values():
+        assert saliency.shape == (128, 128) and np.isfinite(saliency).all()
+    provenance = explanation.provenance
+    assert provenance.layers == ("layer2", "layer3") and provenance.layer == "layer2"
+    assert (provenance.foil, provenance.foil_label) == (LABELS.index(foil), foil)
+    (plain,) = client.explain("shapes", [sample.image], method="grad_cam", layer="layer3")
+    assert plain.provenance.foil is None and plain.layer_maps == {}
+    catalog = client.list_methods()
+    flags = {m.name: (m.contrastive, m.multi_layer) for m in catalog.methods}
+    assert flags["grad_cam"] == (True, False) and flags["eigen_cam"] == (False, False)

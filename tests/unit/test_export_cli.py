@@ -12,14 +12,14 @@ from torch import nn
 from saliency_service.cli import main
 from saliency_service.core.models.repository import ModelRepository
 
-FACTORY = '''
+FACTORY = """
 import torch
 from torch import nn
 
 
 def build() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-'''
+"""
 
 
 def test_export_command_round_trip(tmp_path: Path) -> None:

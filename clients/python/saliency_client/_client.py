@@ -95,10 +95,18 @@ class SaliencyClient:
         params: Mapping[str, Any] | None = None,
         *,
         layer: str | None = None,
+        layers: Sequence[str] | None = None,
+        foil: TargetLike = None,
+        baselines: Images | None = None,
         seed: int = 0,
     ) -> list[Explanation]:
-        """One saliency map per image, explaining `target` (default: the predicted class)."""
+        """One saliency map per image, explaining `target` (default: the predicted class).
+
+        `foil`: a contrast class (explain target rather than foil). `layers`: several layers at once; each
+        explanation then has `layer_maps`. `baselines`: reference images for methods that take them.
+        """
         request = _codec.explain_request(model, images, method, target, params, layer, seed)
+        _codec.add_method_options(request, foil, layers, baselines)
         return self._call("Explain", request, _codec.explanations)
 
     def score(
@@ -113,10 +121,14 @@ class SaliencyClient:
         method_params: Mapping[str, Any] | None = None,
         saliency: SaliencyMaps | None = None,
         layer: str | None = None,
+        layers: Sequence[str] | None = None,
+        foil: TargetLike = None,
+        baselines: Images | None = None,
         seed: int = 0,
     ) -> list[ScoreResult]:
         """Score `method`'s maps (or the caller's `saliency` maps) by `metric`; `params` are the metric's."""
         request = _codec.score_request(model, images, method, metric, target, params, method_params, saliency, layer, seed)
+        _codec.add_method_options(request, foil, layers, baselines)
         return self._call("Score", request, _codec.score_results)
 
     def verbalize(
@@ -131,10 +143,14 @@ class SaliencyClient:
         method_params: Mapping[str, Any] | None = None,
         saliency: SaliencyMaps | None = None,
         layer: str | None = None,
+        layers: Sequence[str] | None = None,
+        foil: TargetLike = None,
+        baselines: Images | None = None,
         seed: int = 0,
     ) -> list[Verbalization]:
         """Say what each map shows; `params` are the template's. `verbalize(saliency=[m])` needs no model."""
         request = _codec.verbalize_request(model, images, method, target, params, template, method_params, saliency, layer, seed)
+        _codec.add_method_options(request, foil, layers, baselines)
         return self._call("Verbalize", request, _codec.verbalizations)
 
     def list_models(self) -> list[ModelInfo]:
@@ -197,10 +213,18 @@ class AsyncSaliencyClient:
         params: Mapping[str, Any] | None = None,
         *,
         layer: str | None = None,
+        layers: Sequence[str] | None = None,
+        foil: TargetLike = None,
+        baselines: Images | None = None,
         seed: int = 0,
     ) -> list[Explanation]:
-        """One saliency map per image, explaining `target` (default: the predicted class)."""
+        """One saliency map per image, explaining `target` (default: the predicted class).
+
+        `foil`: a contrast class (explain target rather than foil). `layers`: several layers at once; each
+        explanation then has `layer_maps`. `baselines`: reference images for methods that take them.
+        """
         request = _codec.explain_request(model, images, method, target, params, layer, seed)
+        _codec.add_method_options(request, foil, layers, baselines)
         return await self._call("Explain", request, _codec.explanations)
 
     async def score(
@@ -215,10 +239,14 @@ class AsyncSaliencyClient:
         method_params: Mapping[str, Any] | None = None,
         saliency: SaliencyMaps | None = None,
         layer: str | None = None,
+        layers: Sequence[str] | None = None,
+        foil: TargetLike = None,
+        baselines: Images | None = None,
         seed: int = 0,
     ) -> list[ScoreResult]:
         """Score `method`'s maps (or the caller's `saliency` maps) by `metric`; `params` are the metric's."""
         request = _codec.score_request(model, images, method, metric, target, params, method_params, saliency, layer, seed)
+        _codec.add_method_options(request, foil, layers, baselines)
         return await self._call("Score", request, _codec.score_results)
 
     async def verbalize(
@@ -233,10 +261,14 @@ class AsyncSaliencyClient:
         method_params: Mapping[str, Any] | None = None,
         saliency: SaliencyMaps | None = None,
         layer: str | None = None,
+        layers: Sequence[str] | None = None,
+        foil: TargetLike = None,
+        baselines: Images | None = None,
         seed: int = 0,
     ) -> list[Verbalization]:
         """Say what each map shows; `params` are the template's. `verbalize(saliency=[m])` needs no model."""
         request = _codec.verbalize_request(model, images, method, target, params, template, method_params, saliency, layer, seed)
+        _codec.add_method_options(request, foil, layers, baselines)
         return await self._call("Verbalize", request, _codec.verbalizations)
 
     async def list_models(self) -> list[ModelInfo]:

@@ -262,6 +262,24 @@ def verbalize_request(
     )
 
 
+def add_method_options(
+    request: pb.ExplainRequest | pb.ScoreRequest | pb.VerbalizeRequest,
+    foil: TargetLike,
+    layers: Sequence[str] | None,
+    baselines: Images | None,
+) -> None:
+    """Set the options every map-making request shares: contrast class, several layers, baselines."""
+    foil_message = target_message(foil)
+    if foil_message is not None:
+        request.foil.CopyFrom(foil_message)
+    if layers is not None:
+        if isinstance(layers, str):
+            raise TypeError("layers: expected a sequence of layer names; for one layer use `layer=`")
+        request.layers.extend(str(layer) for layer in layers)
+    if baselines is not None:
+        request.baselines.extend(image_messages(baselines))
+
+
 # --- responses -----------------------------------------------------------------------------------
 
 
@@ -280,6 +298,9 @@ def provenance(message: pb.Provenance) -> Provenance:
         layer=message.layer,
         seed=message.seed,
         timings_ms=dict(message.timings_ms),
+        layers=tuple(message.layers),
+        foil=message.foil_index if message.HasField("foil_index") else None,
+        foil_label=message.foil_label,
     )
 
 
@@ -294,6 +315,7 @@ def explanations(response: pb.ExplainResponse) -> list[Explanation]:
             predicted_label=e.predicted_label,
             probabilities=_read_only(np.array(e.probabilities, dtype=np.float32)),
             provenance=provenance(e.provenance),
+            layer_maps={m.layer: array_from_tensor(m.saliency).astype(np.float32, copy=False) for m in e.layer_maps},
         )
         for e in response.explanations
     ]
@@ -396,6 +418,9 @@ def method_catalog(response: pb.ListMethodsResponse) -> MethodCatalog:
                 parameters=_parameters(m.parameters),
                 family=m.family,
                 uses_layer=m.uses_layer,
+                multi_layer=m.multi_layer,
+                contrastive=m.contrastive,
+                takes_baseline=m.takes_baseline,
             )
             for m in response.methods
         ),

@@ -32,6 +32,11 @@ class Provenance:
     seed: int
     #: Wall-clock milliseconds per server stage (decode, predict, attribute, ...).
     timings_ms: dict[str, float]
+    #: Every layer the map was computed at (several when the request named `layers`).
+    layers: tuple[str, ...] = ()
+    #: The contrast class when the request named a foil, else None.
+    foil: int | None = None
+    foil_label: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +54,8 @@ class Explanation:
     #: float32 softmax probabilities over the model's labels.
     probabilities: npt.NDArray[np.float32]
     provenance: Provenance
+    #: Per-layer float32 maps when the request named several `layers`, in request order.
+    layer_maps: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,10 +162,16 @@ class MethodInfo:
     name: str
     description: str
     parameters: tuple[ParameterInfo, ...]
-    #: Methods only: "cam", "gradient" or "perturbation".
+    #: Methods only: "cam", "gradient", "perturbation" or "relevance".
     family: str = ""
     #: Methods only: whether the method works at a declared layer.
     uses_layer: bool = False
+    #: Methods only: whether the method combines several layers itself.
+    multi_layer: bool = False
+    #: Methods only: whether a foil (contrast class) is accepted.
+    contrastive: bool = False
+    #: Methods only: whether the method takes caller-supplied baselines.
+    takes_baseline: bool = False
     #: Metrics only; None for methods and templates.
     higher_is_better: bool | None = None
 

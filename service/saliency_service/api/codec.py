@@ -43,7 +43,7 @@ def _tensor(message: pb.Tensor) -> RawTensor:
     return RawTensor(dtype=_DTYPE_NAMES.get(message.dtype, ""), shape=tuple(message.shape), data=message.data)
 
 
-def _images(messages: Sequence[pb.Image]) -> list[ImageInput]:
+def _images(messages: Sequence[pb.Image], role: str = "image") -> list[ImageInput]:
     images: list[ImageInput] = []
     for index, message in enumerate(messages):
         kind = message.WhichOneof("data")
@@ -52,7 +52,9 @@ def _images(messages: Sequence[pb.Image]) -> list[ImageInput]:
         elif kind == "tensor":
             images.append(_tensor(message.tensor))
         else:
-            raise InvalidArgument("IMAGE_EMPTY", f"image {index} has neither `encoded` bytes nor a `tensor`", {"image_index": index})
+            raise InvalidArgument(
+                f"{role.upper()}_EMPTY", f"{role} {index} has neither `encoded` bytes nor a `tensor`", {f"{role}_index": index}
+            )
     return images
 
 
@@ -80,6 +82,9 @@ def explain_job(request: pb.ExplainRequest) -> ExplainJob:
         target=_target(request.target, request.HasField("target")),
         layer=request.layer,
         seed=request.seed,
+        foil=_target(request.foil, request.HasField("foil")),
+        layers=list(request.layers),
+        baselines=_images(request.baselines, "baseline"),
     )
 
 
@@ -95,6 +100,9 @@ def score_job(request: pb.ScoreRequest) -> ScoreJob:
         target=_target(request.target, request.HasField("target")),
         layer=request.layer,
         seed=request.seed,
+        foil=_target(request.foil, request.HasField("foil")),
+        layers=list(request.layers),
+        baselines=_images(request.baselines, "baseline"),
     )
 
 
@@ -110,6 +118,9 @@ def verbalize_job(request: pb.VerbalizeRequest) -> VerbalizeJob:
         template=request.template,
         template_params=_params(request.template_params),
         saliency=[_tensor(t) for t in request.saliency],
+        foil=_target(request.foil, request.HasField("foil")),
+        layers=list(request.layers),
+        baselines=_images(request.baselines, "baseline"),
     )
 
 
@@ -131,6 +142,9 @@ def provenance(value: Provenance) -> pb.Provenance:
         layer=value.layer,
         seed=value.seed,
         timings_ms=dict(value.timings_ms),
+        layers=list(value.layers),
+        foil_index=value.foil,
+        foil_label=value.foil_label,
     )
 
 
@@ -150,6 +164,7 @@ def explain_response(explanations: Sequence[Explanation], labels: Sequence[str])
                 predicted_label=labels[e.predicted],
                 probabilities=e.probabilities.tolist(),
                 provenance=provenance(e.provenance),
+                layer_maps=[pb.LayerMap(layer=layer, saliency=float_tensor(saliency)) for layer, saliency in e.layer_maps.items()],
             )
             for e in explanations
         ]
@@ -238,6 +253,9 @@ def method(cls: type[SaliencyMethod]) -> pb.Method:
         family=cls.family,
         uses_layer=cls.uses_layer,
         parameters=[_parameter(p) for p in cls.params],
+        multi_layer=cls.multi_layer,
+        contrastive=cls.contrastive,
+        takes_baseline=cls.takes_baseline,
     )
 
 

@@ -45,6 +45,9 @@ class ExplainJob:
     target: TargetRequest | None = None
     layer: str = ""
     seed: int = 0
+    foil: TargetRequest | None = None
+    layers: Sequence[str] = ()
+    baselines: Sequence[ImageInput] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class ScoreJob:
     target: TargetRequest | None = None
     layer: str = ""
     seed: int = 0
+    foil: TargetRequest | None = None
+    layers: Sequence[str] = ()
+    baselines: Sequence[ImageInput] = ()
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,28 @@ class VerbalizeJob:
     template: str = ""
     template_params: Mapping[str, object] = field(default_factory=dict)
     saliency: Sequence[RawTensor] = ()
+    foil: TargetRequest | None = None
+    layers: Sequence[str] = ()
+    baselines: Sequence[ImageInput] = ()
+
+
+@dataclass(frozen=True)
+class _MethodCall:
+    """How the maps of a request are made: everything the three use cases share."""
+
+    method: str
+    params: Mapping[str, object]
+    target: TargetRequest | None
+    foil: TargetRequest | None
+    layer: str
+    layers: Sequence[str]
+    baselines: Sequence[ImageInput]
+    seed: int
+
+    @classmethod
+    def of(cls, job: ExplainJob | ScoreJob | VerbalizeJob) -> _MethodCall:
+        params = job.params if isinstance(job, ExplainJob) else job.method_params
+        return cls(job.method, params, job.target, job.foil, job.layer, job.layers, job.baselines, job.seed)
 
 
 class _Timer:
@@ -97,6 +125,7 @@ class _Batch:
     probabilities: np.ndarray
     predicted: np.ndarray
     targets: np.ndarray
+    foil: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +135,15 @@ class _Maps:
     maps: np.ndarray
     method: str
     params: Mapping[str, ParamValue]
-    layer: str
+    layers: tuple[str, ...]
+    per_layer: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    method: type[SaliencyMethod]
+    params: dict[str, ParamValue]
+    layers: tuple[str, ...]
 
 
 class Engine:
@@ -119,10 +156,11 @@ class Engine:
     def explain(self, job: ExplainJob) -> list[Explanation]:
         timer = _Timer()
         model = self.repository.get(job.model)
-        method, params, layer = self._resolve_method(model, job.method, job.params, job.layer)
-        batch = self._prepare(model, job.images, job.target, timer)
-        maps = self._attribute(model, method, params, layer, batch, job.seed, timer)
-        provenance = self._provenance(model, maps, job.seed, timer)
+        call = _MethodCall.of(job)
+        resolved = self._resolve_method(model, call)
+        batch = self._prepare(model, job.images, job.target, timer, call.foil)
+        maps = self._attribute(model, resolved, batch, self._baselines(model, call.baselines, len(job.images)), job.seed, timer)
+        provenance = self._provenance(model, maps, batch, job.seed, timer)
         labels = model.config.labels
         return [
             Explanation(
@@ -132,6 +170,7 @@ class Engine:
                 predicted=int(batch.predicted[i]),
                 probabilities=batch.probabilities[i],
                 provenance=provenance,
+                layer_maps={layer: resize_map(layer_maps[i], h, w) for layer, layer_maps in maps.per_layer.items()},
             )
             for i, (h, w) in enumerate(batch.sizes)
         ]
@@ -141,11 +180,10 @@ class Engine:
         model = self.repository.get(job.model)
         metric_cls = METRICS.get(job.metric)
         metric_params = resolve_params(metric_cls.params, job.metric_params, f"metric '{job.metric}'")
-        maps = self._maps_for(model, job.images, job.saliency, job.method, job.method_params, job.layer, job.target, job.seed, timer)
-        batch, made = maps
+        batch, made = self._maps_for(model, job.images, job.saliency, _MethodCall.of(job), timer)
         with timer.stage("score"):
             values = metric_cls().score(MetricInput(model, batch.x, made.maps, batch.targets, metric_params, job.seed))
-        provenance = self._provenance(model, made, job.seed, timer)
+        provenance = self._provenance(model, made, batch, job.seed, timer)
         labels = model.config.labels
         return [
             ScoreResult(
@@ -178,7 +216,7 @@ class Engine:
             with timer.stage("verbalize"):
                 return [template.render(VerbalizeInput(saliency, None, None, template_params)) for saliency in maps]
         model = self.repository.get(job.model)
-        batch, made = self._maps_for(model, job.images, job.saliency, job.method, job.method_params, job.layer, job.target, job.seed, timer)
+        batch, made = self._maps_for(model, job.images, job.saliency, _MethodCall.of(job), timer)
         labels = model.config.labels
         with timer.stage("verbalize"):
             texts = [
@@ -189,30 +227,60 @@ class Engine:
                 )
                 for i in range(len(batch.targets))
             ]
-        provenance = self._provenance(model, made, job.seed, timer)
+        provenance = self._provenance(model, made, batch, job.seed, timer)
         return [Verbalization(text.text, text.facts, name, provenance) for text in texts]
 
     # ---- shared steps ----
 
-    def _resolve_method(
-        self, model: LoadedModel, name: str, given: Mapping[str, object], layer: str
-    ) -> tuple[type[SaliencyMethod], dict[str, ParamValue], str]:
-        if not name:
+    def _resolve_method(self, model: LoadedModel, call: _MethodCall) -> _Resolved:
+        if not call.method:
             raise InvalidArgument("METHOD_REQUIRED", f"name a saliency method; available: {', '.join(METHODS.names())}")
-        method = METHODS.get(name)
-        params = resolve_params(method.params, given, f"method '{name}'")
-        if method.uses_layer:
-            layer = layer or (model.config.default_layer or "")
-            if not layer:
-                raise InvalidArgument("NO_LAYER", f"method '{name}' needs a layer, and model '{model.name}' declares none")
-            model.config.layer(layer)
-        elif layer:
+        method = METHODS.get(call.method)
+        params = resolve_params(method.params, call.params, f"method '{call.method}'")
+        if call.layer and call.layers:
             raise InvalidArgument(
-                "LAYER_NOT_USED", f"method '{name}' works on the input, not at a layer; leave `layer` empty", {"layer": layer}
+                "AMBIGUOUS_LAYERS", "set either `layer` (one layer) or `layers` (several), not both", {"layer": call.layer}
             )
-        return method, params, layer
+        requested = tuple(call.layers) or ((call.layer,) if call.layer else ())
+        if method.uses_layer:
+            layers = requested or ((model.config.default_layer,) if model.config.default_layer else ())
+            if not layers:
+                raise InvalidArgument("NO_LAYER", f"method '{call.method}' needs a layer, and model '{model.name}' declares none")
+            for layer in layers:
+                model.config.layer(layer)
+            if len(set(layers)) != len(layers):
+                raise InvalidArgument("DUPLICATE_LAYER", f"`layers` names a layer twice: {', '.join(layers)}", {"layers": ",".join(layers)})
+        elif requested:
+            raise InvalidArgument(
+                "LAYER_NOT_USED",
+                f"method '{call.method}' works on the input, not at a layer; leave `layer` and `layers` empty",
+                {"layer": ",".join(requested)},
+            )
+        else:
+            layers = ()
+        if call.foil is not None and (call.foil.class_index is not None or call.foil.label) and not method.contrastive:
+            raise InvalidArgument(
+                "FOIL_NOT_SUPPORTED",
+                f"method '{call.method}' is class-agnostic, so a foil (contrast class) has no meaning for it; drop `foil`",
+                {"method": call.method},
+            )
+        if call.baselines and not method.takes_baseline:
+            takers = [name for name in METHODS.names() if METHODS.get(name).takes_baseline]
+            raise InvalidArgument(
+                "BASELINE_NOT_USED",
+                f"method '{call.method}' takes no baseline; drop `baselines` or use one of: {', '.join(takers) or 'none'}",
+                {"method": call.method},
+            )
+        return _Resolved(method, params, layers)
 
-    def _prepare(self, model: LoadedModel, images: Sequence[ImageInput], target: TargetRequest | None, timer: _Timer) -> _Batch:
+    def _prepare(
+        self,
+        model: LoadedModel,
+        images: Sequence[ImageInput],
+        target: TargetRequest | None,
+        timer: _Timer,
+        foil: TargetRequest | None = None,
+    ) -> _Batch:
         check_batch(images, self.limits)
         with timer.stage("decode"):
             decoded = [decode_image(image, i, self.limits) for i, image in enumerate(images)]
@@ -221,16 +289,42 @@ class Engine:
             logits = model.logits(x)
         probabilities = _softmax(logits)
         predicted = probabilities.argmax(axis=1)
+        targets = self._targets(model, target, predicted)
+        foil_index = None
+        if foil is not None and (foil.class_index is not None or foil.label):
+            foil_index = int(self._targets(model, foil, predicted, "foil")[0])
+            same = np.flatnonzero(targets == foil_index)
+            if len(same):
+                raise InvalidArgument(
+                    "FOIL_IS_TARGET",
+                    f"image {int(same[0])}: the foil '{model.config.labels[foil_index]}' is also the class being explained; "
+                    "name a different foil, or set `target` explicitly",
+                    {"image_index": int(same[0]), "foil": foil_index},
+                )
         return _Batch(
             sizes=[(image.shape[0], image.shape[1]) for image in decoded],
             x=x,
             probabilities=probabilities,
             predicted=predicted,
-            targets=self._targets(model, target, predicted),
+            targets=targets,
+            foil=foil_index,
         )
 
+    def _baselines(self, model: LoadedModel, baselines: Sequence[ImageInput], count: int) -> np.ndarray | None:
+        """The caller's reference inputs in the model's space: one per image (a single one is shared)."""
+        if not baselines:
+            return None
+        if len(baselines) not in (1, count):
+            raise InvalidArgument(
+                "BASELINE_COUNT_MISMATCH", f"{len(baselines)} baselines for {count} images; send one baseline, or one per image"
+            )
+        check_batch(baselines, self.limits, "baselines")
+        decoded = [decode_image(image, i, self.limits) for i, image in enumerate(baselines)]
+        x = to_model_input(decoded, model.config.input)
+        return np.repeat(x, count, axis=0) if len(x) == 1 else x
+
     @staticmethod
-    def _targets(model: LoadedModel, target: TargetRequest | None, predicted: np.ndarray) -> np.ndarray:
+    def _targets(model: LoadedModel, target: TargetRequest | None, predicted: np.ndarray, role: str = "target") -> np.ndarray:
         if target is None or (target.class_index is None and not target.label):
             return predicted.astype(np.int64)
         if target.label:
@@ -241,42 +335,37 @@ class Engine:
             if not 0 <= index < model.config.num_classes:
                 raise InvalidArgument(
                     "TARGET_OUT_OF_RANGE",
-                    f"target class {index} is out of range for model '{model.name}' "
+                    f"{role} class {index} is out of range for model '{model.name}' "
                     f"({model.config.num_classes} classes: 0..{model.config.num_classes - 1})",
                     {"target": index, "num_classes": model.config.num_classes},
                 )
         return np.full(len(predicted), index, dtype=np.int64)
 
     def _attribute(
-        self,
-        model: LoadedModel,
-        method: type[SaliencyMethod],
-        params: Mapping[str, ParamValue],
-        layer: str,
-        batch: _Batch,
-        seed: int,
-        timer: _Timer,
+        self, model: LoadedModel, resolved: _Resolved, batch: _Batch, baseline: np.ndarray | None, seed: int, timer: _Timer
     ) -> _Maps:
+        method, layers = resolved.method, resolved.layers
+        foils = None if batch.foil is None else np.full(len(batch.targets), batch.foil, dtype=np.int64)
+
+        def run(layer: str | None, at: tuple[str, ...]) -> np.ndarray:
+            request = MethodInput(model, batch.x, batch.targets, resolved.params, layer, seed, foils, baseline, at)
+            return np.asarray(method().attribute(request), dtype=np.float32)
+
         with timer.stage("attribute"):
-            maps = method().attribute(MethodInput(model, batch.x, batch.targets, params, layer or None, seed))
-        return _Maps(np.asarray(maps, dtype=np.float32), method.name, params, layer)
+            if method.multi_layer or len(layers) <= 1:
+                return _Maps(run(layers[0] if layers else None, layers), method.name, resolved.params, layers)
+            per_layer = {layer: run(layer, (layer,)) for layer in layers}
+        return _Maps(combine_layers(list(per_layer.values())), method.name, resolved.params, layers, per_layer)
 
     def _maps_for(
-        self,
-        model: LoadedModel,
-        images: Sequence[ImageInput],
-        saliency: Sequence[RawTensor],
-        method_name: str,
-        method_params: Mapping[str, object],
-        layer: str,
-        target: TargetRequest | None,
-        seed: int,
-        timer: _Timer,
+        self, model: LoadedModel, images: Sequence[ImageInput], saliency: Sequence[RawTensor], call: _MethodCall, timer: _Timer
     ) -> tuple[_Batch, _Maps]:
         """Maps for Score and Verbalize: the caller's (resized to the model) or a method's."""
         if saliency:
-            if method_name or method_params or layer:
+            if call.method or call.params or call.layer or call.layers or call.baselines:
                 raise InvalidArgument("AMBIGUOUS_SALIENCY", "send either saliency maps or a method to compute them, not both")
+            if call.foil is not None and (call.foil.class_index is not None or call.foil.label):
+                raise InvalidArgument("FOIL_WITHOUT_METHOD", "a foil shapes how a method makes its maps; with supplied maps, drop `foil`")
             if len(saliency) != len(images):
                 raise InvalidArgument(
                     "MAP_COUNT_MISMATCH", f"{len(saliency)} saliency maps for {len(images)} images; send one map per image"
@@ -284,22 +373,40 @@ class Engine:
             check_batch(saliency, self.limits, "saliency maps")
             spec = model.config.input
             maps = np.stack([resize_map(decode_map(tensor, i, self.limits), spec.height, spec.width) for i, tensor in enumerate(saliency)])
-            return self._prepare(model, images, target, timer), _Maps(maps, SUPPLIED, {}, "")
-        method, params, layer = self._resolve_method(model, method_name, method_params, layer)
-        batch = self._prepare(model, images, target, timer)
-        return batch, self._attribute(model, method, params, layer, batch, seed, timer)
+            return self._prepare(model, images, call.target, timer), _Maps(maps, SUPPLIED, {}, ())
+        resolved = self._resolve_method(model, call)
+        batch = self._prepare(model, images, call.target, timer, call.foil)
+        baseline = self._baselines(model, call.baselines, len(images))
+        return batch, self._attribute(model, resolved, batch, baseline, call.seed, timer)
 
     @staticmethod
-    def _provenance(model: LoadedModel, maps: _Maps, seed: int, timer: _Timer) -> Provenance:
+    def _provenance(model: LoadedModel, maps: _Maps, batch: _Batch, seed: int, timer: _Timer) -> Provenance:
         return Provenance(
             model=model.name,
             model_version=model.config.version,
             method=maps.method,
             params=dict(maps.params),
-            layer=maps.layer,
+            layer=maps.layers[0] if maps.layers else "",
             seed=seed,
             timings_ms=dict(timer.ms),
+            layers=maps.layers,
+            foil=batch.foil,
+            foil_label="" if batch.foil is None else model.config.labels[batch.foil],
         )
+
+
+def combine_layers(maps: Sequence[np.ndarray]) -> np.ndarray:
+    """Several layers' B x H x W maps as one: each item's map scaled by its max |value|, then averaged.
+
+    Scaling keeps the sign and makes layers with different magnitudes count equally; an all-zero map
+    stays zero.
+    """
+    scaled = []
+    for layer_maps in maps:
+        peak = np.abs(layer_maps).reshape(len(layer_maps), -1).max(axis=1)
+        scaled.append(layer_maps / np.where(peak > 0, peak, 1.0)[:, None, None])
+    combined: np.ndarray = np.mean(scaled, axis=0).astype(np.float32)
+    return combined
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

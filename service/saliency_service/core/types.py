@@ -49,6 +49,10 @@ class Provenance:
     layer: str = ""
     seed: int = 0
     timings_ms: Mapping[str, float] = field(default_factory=dict)
+    layers: tuple[str, ...] = ()
+    """Every layer the map was computed at; `layer` is the first."""
+    foil: int | None = None
+    foil_label: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class Explanation:
     predicted: int
     probabilities: np.ndarray
     provenance: Provenance
+    layer_maps: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """Per-layer maps (H x W, the image's resolution) when several layers were requested."""
 
 
 @dataclass(frozen=True)

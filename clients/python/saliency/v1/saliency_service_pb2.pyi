@@ -184,6 +184,9 @@ class Provenance(_message.Message):
     LAYER_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     TIMINGS_MS_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
+    FOIL_INDEX_FIELD_NUMBER: _builtins.int
+    FOIL_LABEL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     model_version: _builtins.str
     method: _builtins.str
@@ -191,6 +194,9 @@ class Provenance(_message.Message):
     layer: _builtins.str
     """The layer used by CAM methods; empty for input-space methods."""
     seed: _builtins.int
+    foil_index: _builtins.int
+    """The contrast class when the request named a foil: maps explain logit[target] - logit[foil]."""
+    foil_label: _builtins.str
     @_builtins.property
     def params(self) -> _struct_pb2.Struct:
         """The method's parameters after defaults were filled in."""
@@ -198,6 +204,10 @@ class Provenance(_message.Message):
     @_builtins.property
     def timings_ms(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Wall-clock milliseconds per stage (decode, predict, attribute, score, ...)."""
+
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every layer the map was computed at, in request order; `layer` is the first of them."""
 
     def __init__(
         self,
@@ -209,12 +219,17 @@ class Provenance(_message.Message):
         layer: _builtins.str = ...,
         seed: _builtins.int = ...,
         timings_ms: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        layers: _abc.Iterable[_builtins.str] | None = ...,
+        foil_index: _builtins.int | None = ...,
+        foil_label: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_foil_index", b"_foil_index", "foil_index", b"foil_index", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "method", b"method", "model", b"model", "model_version", b"model_version", "params", b"params", "seed", b"seed", "timings_ms", b"timings_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_foil_index", b"_foil_index", "foil_index", b"foil_index", "foil_label", b"foil_label", "layer", b"layer", "layers", b"layers", "method", b"method", "model", b"model", "model_version", b"model_version", "params", b"params", "seed", b"seed", "timings_ms", b"timings_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__foil_index: _TypeAlias = _typing.Literal["foil_index"]  # noqa: Y015
+    _WhichOneofArgType__foil_index: _TypeAlias = _typing.Literal["_foil_index", b"_foil_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__foil_index) -> _WhichOneofReturnType__foil_index | None: ...
 
 Global___Provenance: _TypeAlias = Provenance  # noqa: Y015
 
@@ -229,6 +244,9 @@ class ExplainRequest(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     LAYER_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    FOIL_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
+    BASELINES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name, as listed by ListModels."""
     method: _builtins.str
@@ -245,6 +263,24 @@ class ExplainRequest(_message.Message):
 
     @_builtins.property
     def target(self) -> Global___Target: ...
+    @_builtins.property
+    def foil(self) -> Global___Target:
+        """Contrast class: explain why `target` and not `foil` (the objective is logit[target] - logit[foil]).
+        Only for methods listed with `contrastive`.
+        """
+
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Several declared layers at once (instead of `layer`): the method runs at each, every explanation
+        carries the per-layer maps in `layer_maps`, and `saliency` is their average (each scaled by its max |value|).
+        """
+
+    @_builtins.property
+    def baselines(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
+        """Reference inputs for methods listed with `takes_baseline` (Integrated Gradients with baseline
+        "supplied"): one for all images, or one per image.
+        """
+
     def __init__(
         self,
         *,
@@ -255,10 +291,13 @@ class ExplainRequest(_message.Message):
         target: Global___Target | None = ...,
         layer: _builtins.str = ...,
         seed: _builtins.int = ...,
+        foil: Global___Target | None = ...,
+        layers: _abc.Iterable[_builtins.str] | None = ...,
+        baselines: _abc.Iterable[Global___Image] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["foil", b"foil", "params", b"params", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "layer", b"layer", "method", b"method", "model", b"model", "params", b"params", "seed", b"seed", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baselines", b"baselines", "foil", b"foil", "images", b"images", "layer", b"layer", "layers", b"layers", "method", b"method", "model", b"model", "params", b"params", "seed", b"seed", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -275,6 +314,7 @@ class Explanation(_message.Message):
     PREDICTED_LABEL_FIELD_NUMBER: _builtins.int
     PROBABILITIES_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    LAYER_MAPS_FIELD_NUMBER: _builtins.int
     target_index: _builtins.int
     target_label: _builtins.str
     predicted_index: _builtins.int
@@ -289,6 +329,10 @@ class Explanation(_message.Message):
 
     @_builtins.property
     def provenance(self) -> Global___Provenance: ...
+    @_builtins.property
+    def layer_maps(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerMap]:
+        """Per-layer maps when the request named several `layers`, in request order."""
+
     def __init__(
         self,
         *,
@@ -299,14 +343,40 @@ class Explanation(_message.Message):
         predicted_label: _builtins.str = ...,
         probabilities: _abc.Iterable[_builtins.float] | None = ...,
         provenance: Global___Provenance | None = ...,
+        layer_maps: _abc.Iterable[Global___LayerMap] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance", "saliency", b"saliency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["predicted_index", b"predicted_index", "predicted_label", b"predicted_label", "probabilities", b"probabilities", "provenance", b"provenance", "saliency", b"saliency", "target_index", b"target_index", "target_label", b"target_label"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer_maps", b"layer_maps", "predicted_index", b"predicted_index", "predicted_label", b"predicted_label", "probabilities", b"probabilities", "provenance", b"provenance", "saliency", b"saliency", "target_index", b"target_index", "target_label", b"target_label"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Explanation: _TypeAlias = Explanation  # noqa: Y015
+
+@_typing.final
+class LayerMap(_message.Message):
+    """A map computed at one layer, at the input image's resolution."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYER_FIELD_NUMBER: _builtins.int
+    SALIENCY_FIELD_NUMBER: _builtins.int
+    layer: _builtins.str
+    @_builtins.property
+    def saliency(self) -> Global___Tensor: ...
+    def __init__(
+        self,
+        *,
+        layer: _builtins.str = ...,
+        saliency: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["saliency", b"saliency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "saliency", b"saliency"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayerMap: _TypeAlias = LayerMap  # noqa: Y015
 
 @_typing.final
 class ExplainResponse(_message.Message):
@@ -344,6 +414,9 @@ class ScoreRequest(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     LAYER_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    FOIL_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
+    BASELINES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     metric: _builtins.str
     """Metric id, as listed by ListMethods (e.g. "deletion", "insertion")."""
@@ -363,6 +436,14 @@ class ScoreRequest(_message.Message):
 
     @_builtins.property
     def target(self) -> Global___Target: ...
+    @_builtins.property
+    def foil(self) -> Global___Target:
+        """As in ExplainRequest, for the method that makes the maps."""
+
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def baselines(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]: ...
     def __init__(
         self,
         *,
@@ -376,10 +457,13 @@ class ScoreRequest(_message.Message):
         target: Global___Target | None = ...,
         layer: _builtins.str = ...,
         seed: _builtins.int = ...,
+        foil: Global___Target | None = ...,
+        layers: _abc.Iterable[_builtins.str] | None = ...,
+        baselines: _abc.Iterable[Global___Image] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["method_params", b"method_params", "metric_params", b"metric_params", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["foil", b"foil", "method_params", b"method_params", "metric_params", b"metric_params", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "layer", b"layer", "method", b"method", "method_params", b"method_params", "metric", b"metric", "metric_params", b"metric_params", "model", b"model", "saliency", b"saliency", "seed", b"seed", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baselines", b"baselines", "foil", b"foil", "images", b"images", "layer", b"layer", "layers", b"layers", "method", b"method", "method_params", b"method_params", "metric", b"metric", "metric_params", b"metric_params", "model", b"model", "saliency", b"saliency", "seed", b"seed", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -466,6 +550,9 @@ class VerbalizeRequest(_message.Message):
     TEMPLATE_FIELD_NUMBER: _builtins.int
     TEMPLATE_PARAMS_FIELD_NUMBER: _builtins.int
     SALIENCY_FIELD_NUMBER: _builtins.int
+    FOIL_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
+    BASELINES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model whose explanation is verbalized; empty with `saliency` set for model-free use."""
     method: _builtins.str
@@ -485,6 +572,14 @@ class VerbalizeRequest(_message.Message):
     def saliency(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
         """Caller-supplied maps (float32 height x width), one per image, or alone without a model."""
 
+    @_builtins.property
+    def foil(self) -> Global___Target:
+        """As in ExplainRequest, for the method that makes the maps."""
+
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def baselines(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]: ...
     def __init__(
         self,
         *,
@@ -498,10 +593,13 @@ class VerbalizeRequest(_message.Message):
         template: _builtins.str = ...,
         template_params: _struct_pb2.Struct | None = ...,
         saliency: _abc.Iterable[Global___Tensor] | None = ...,
+        foil: Global___Target | None = ...,
+        layers: _abc.Iterable[_builtins.str] | None = ...,
+        baselines: _abc.Iterable[Global___Image] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["method_params", b"method_params", "target", b"target", "template_params", b"template_params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["foil", b"foil", "method_params", b"method_params", "target", b"target", "template_params", b"template_params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "layer", b"layer", "method", b"method", "method_params", b"method_params", "model", b"model", "saliency", b"saliency", "seed", b"seed", "target", b"target", "template", b"template", "template_params", b"template_params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baselines", b"baselines", "foil", b"foil", "images", b"images", "layer", b"layer", "layers", b"layers", "method", b"method", "method_params", b"method_params", "model", b"model", "saliency", b"saliency", "seed", b"seed", "target", b"target", "template", b"template", "template_params", b"template_params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -840,12 +938,21 @@ class Method(_message.Message):
     FAMILY_FIELD_NUMBER: _builtins.int
     USES_LAYER_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    MULTI_LAYER_FIELD_NUMBER: _builtins.int
+    CONTRASTIVE_FIELD_NUMBER: _builtins.int
+    TAKES_BASELINE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     family: _builtins.str
-    """"cam", "gradient" or "perturbation"."""
+    """"cam", "gradient", "perturbation" or "relevance"."""
     uses_layer: _builtins.bool
     """Whether the method works at a declared layer (CAM methods)."""
+    multi_layer: _builtins.bool
+    """Whether the method combines several layers itself (otherwise several layers are averaged)."""
+    contrastive: _builtins.bool
+    """Whether a foil (contrast class) is accepted."""
+    takes_baseline: _builtins.bool
+    """Whether the method takes caller-supplied `baselines`."""
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Parameter]: ...
     def __init__(
@@ -856,10 +963,13 @@ class Method(_message.Message):
         family: _builtins.str = ...,
         uses_layer: _builtins.bool = ...,
         parameters: _abc.Iterable[Global___Parameter] | None = ...,
+        multi_layer: _builtins.bool = ...,
+        contrastive: _builtins.bool = ...,
+        takes_baseline: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "family", b"family", "name", b"name", "parameters", b"parameters", "uses_layer", b"uses_layer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contrastive", b"contrastive", "description", b"description", "family", b"family", "multi_layer", b"multi_layer", "name", b"name", "parameters", b"parameters", "takes_baseline", b"takes_baseline", "uses_layer", b"uses_layer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
