@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck protos train-shapes clean
+.PHONY: serve test peers lint typecheck protos train-shapes clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,7 +12,26 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU build that lies on this disk; the project's range accepts it.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# The Open Inference Protocol test drives the server with the real tritonclient; its metadata caps
+	# protobuf below 7, which the code does not need, so it is installed without its dependency list.
+	$(BIN)/pip install --quiet --no-deps tritonclient==2.73.0
 	touch $(STAMP)
+
+# The peer-agreement tier: pytorch-grad-cam and Zennit import torchvision, whose binary must match a torch
+# build from the registry (about 5 GB with its CUDA libraries), so they get their own environment. The
+# local CPU wheel is skipped by ignoring pip's configured find-links for that one install.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): pyproject.toml
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(PEERS_VENV)/bin/pip install --quiet torch==2.13.0 torchvision==0.28.0
+	$(PEERS_VENV)/bin/pip install --quiet -e '.[dev,peers]'
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+	$(PEERS_VENV)/bin/python -m pytest -q -s tests/peers
 
 serve: $(STAMP)
 	$(BIN)/saliency-service serve
@@ -35,4 +54,4 @@ train-shapes: $(STAMP)
 	$(BIN)/python -m saliency_service.shapes.export --weights build/shapes_state.pt
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(PEERS_VENV) build dist .pytest_cache .mypy_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -141,3 +142,37 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(tmp_path: Path) -> None:
         assert server.process.wait(timeout=60) == 0
     finally:
         server.stop()
+
+
+def test_tritonclient_works_unchanged(server: Server, tmp_path: Path) -> None:
+    """The Open Inference Protocol through the real tritonclient package, in its own process."""
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient is installed by `make test` (see the Makefile)")
+    samples = [generate(HELDOUT_SEED_OFFSET + 5), generate(HELDOUT_SEED_OFFSET + 6)]
+    images = [sample.image for sample in samples]
+    with SaliencyClient(server.address) as client:
+        model = client.get_model("shapes")
+        explanations = client.explain("shapes", images, method="grad_cam")
+    mean = np.asarray(model.inputs.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(model.inputs.std, dtype=np.float32)[:, None, None]
+    x = np.stack([(image.astype(np.float32).transpose(2, 0, 1) / 255.0 - mean) / std for image in images]).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = Path(__file__).with_name("tritonclient_check.py")
+    done = subprocess.run(
+        [sys.executable, str(script), server.address, "shapes", str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["live"] and seen["ready"] and seen["model_ready"]
+    assert seen["server"]["name"] == "saliency-service"
+    assert seen["metadata"]["inputs"][0]["shape"] == ["-1", "3", "128", "128"]
+    assert {"name": "shapes", "version": model.version, "state": "READY"}.items() <= seen["index"]["models"][0].items()
+    assert seen["id"] == "check-1"
+    logits = np.asarray(seen["logits"])
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    for row, explanation, classes in zip(probabilities, explanations, seen["classification"], strict=True):
+        np.testing.assert_allclose(row, explanation.probabilities, atol=1e-5)
+        value, index, label = classes[0].split(":")
+        assert (int(index), label) == (explanation.predicted, LABELS[explanation.predicted])
+        assert len(classes) == 3
+    assert "NOT_FOUND" in seen["unknown_model_status"]

@@ -16,7 +16,7 @@ from saliency_service.core.errors import Internal, ResourceExhausted, SaliencyEr
 from saliency_service.observability import metrics
 
 log = logging.getLogger(__name__)
-SERVICE_PREFIX = "/saliency.v1.SaliencyService/"
+SERVICE_PREFIXES = ("/saliency.v1.SaliencyService/", "/inference.GRPCInferenceService/")
 UNKNOWN = "unknown"
 
 
@@ -36,13 +36,14 @@ class SaliencyInterceptor(ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(SERVICE_PREFIX) or handler.unary_unary is None:
+        if handler is None or not details.method.startswith(SERVICE_PREFIXES) or handler.unary_unary is None:
             return handler
-        rpc = details.method[len(SERVICE_PREFIX) :]
+        rpc = details.method.rsplit("/", 1)[-1]
         inner = handler.unary_unary
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            model = getattr(request, "model", "") or ""
+            # SaliencyService names the model `model`; the Open Inference Protocol `model_name` or `name`.
+            model = getattr(request, "model", "") or getattr(request, "model_name", "") or getattr(request, "name", "") or ""
             model = model if model in self._models() else (UNKNOWN if model else "")
             method = getattr(request, "method", "") or getattr(request, "metric", "") or ""
             method = method if method in self._methods() else (UNKNOWN if method else "")

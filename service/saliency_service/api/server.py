@@ -1,4 +1,4 @@
-"""Build and run the grpc.aio server: SaliencyService, health (overall and per model), reflection."""
+"""Build and run the grpc.aio server: SaliencyService, the Open Inference Protocol, health (overall and per model), reflection."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from saliency.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from saliency.v1 import saliency_service_pb2 as pb
 from saliency.v1 import saliency_service_pb2_grpc as pb_grpc
 from saliency_service.api.interceptors import SaliencyInterceptor
+from saliency_service.api.oip import SERVICE_NAME as OIP_SERVICE_NAME
+from saliency_service.api.oip import InferenceServicer
 from saliency_service.api.servicer import SaliencyServicer
 from saliency_service.config import Settings
 from saliency_service.core.engine import Engine
@@ -49,6 +52,7 @@ class SaliencyServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
+        self._accepting = False
 
     async def start(self) -> int:
         """Load the repository, bind, and start serving; returns the bound port."""
@@ -65,9 +69,11 @@ class SaliencyServer:
             ],
         )
         pb_grpc.add_SaliencyServiceServicer_to_server(SaliencyServicer(self.engine, self.executor), server)
+        inference = InferenceServicer(self.repository, self.executor, self.engine.limits, lambda: self._accepting)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+            [SERVICE_NAME, OIP_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
         )
         self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         if self.port == 0:
@@ -83,11 +89,13 @@ class SaliencyServer:
                 log.warning("model %s is NOT READY: %s", status.name, status.reason)
         await self.health.set(SERVICE_NAME, serving)
         await self.health.set(OVERALL, serving)
+        self._accepting = True
         log.info("serving on port %d with %d model(s) ready of %d", self.port, sum(s.ready for s in statuses), len(statuses))
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
+        self._accepting = False
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.settings.grace_seconds if grace is None else grace)

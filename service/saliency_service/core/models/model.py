@@ -164,3 +164,9 @@ class LoadedModel:
                 self._observe(self.name, "forward", len(xs))
                 parts.append(logits)
         return torch.cat(parts)
+
+    def run_onnx(self, x: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
+        """The ONNX graph's named outputs as they are (no reshaping), for the Open Inference Protocol."""
+        results = self.onnx.run(x, outputs)
+        self._observe(self.name, "forward", len(x))
+        return results
