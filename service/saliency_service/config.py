@@ -36,6 +36,18 @@ class Settings:
     max_batch_images: int = 64
     max_image_pixels: int = 4096 * 4096
     grace_seconds: float = 20.0
+    max_queue: int = 16
+    """Requests that may wait for a worker; beyond workers + max_queue, RESOURCE_EXHAUSTED at once."""
+    max_pass_items: int = 2_000_000
+    """Items one request may send through the model (forward and backward); 0: no cap."""
+    tls_cert_file: str = ""
+    """PEM certificate chain; with tls_key_file, the port serves TLS only."""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
+    auth_token_file: str = ""
+    """File with accepted bearer tokens, one per line: when set, SaliencyService and the Open Inference
+    Protocol require `authorization: Bearer <token>` (health and reflection stay open for probes)."""
     log_level: str = "INFO"
     log_format: str = "json"
     """"json" (one object per line) or "text"."""

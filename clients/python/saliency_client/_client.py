@@ -62,6 +62,14 @@ class _Connection:
         return getattr(self.stub, rpc)(request, timeout=self.timeout, metadata=self.metadata)
 
 
+def _with_token(metadata: Sequence[tuple[str, str]], token: str | None) -> list[tuple[str, str]]:
+    if token is None:
+        return list(metadata)
+    if not token or any(c.isspace() for c in token):
+        raise ValueError("token must be a non-empty string without whitespace")
+    return [*metadata, ("authorization", f"Bearer {token}")]
+
+
 class SaliencyClient:
     """A blocking client of the saliency service.
 
@@ -77,9 +85,14 @@ class SaliencyClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         options: Sequence[tuple[str, Any]] = (),
+        token: str | None = None,
     ) -> None:
-        """Open a channel to `target` ("host:port"); `timeout` in seconds applies to each call."""
-        self._connection = _Connection(grpc, target, timeout, credentials, metadata, options)
+        """Open a channel to `target` ("host:port"); `timeout` in seconds applies to each call.
+
+        `credentials`: TLS (`grpc.ssl_channel_credentials(...)`, with a client key and certificate for mutual
+        TLS). `token`: sent as `authorization: Bearer <token>` on every call.
+        """
+        self._connection = _Connection(grpc, target, timeout, credentials, _with_token(metadata, token), options)
 
     def _call(self, rpc: _Rpc, request: Message, parse: Callable[[_Response], _Result]) -> _Result:
         with map_rpc_errors():
@@ -195,9 +208,10 @@ class AsyncSaliencyClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         options: Sequence[tuple[str, Any]] = (),
+        token: str | None = None,
     ) -> None:
         """Open a channel to `target` ("host:port"); `timeout` in seconds applies to each call."""
-        self._connection = _Connection(grpc.aio, target, timeout, credentials, metadata, options)
+        self._connection = _Connection(grpc.aio, target, timeout, credentials, _with_token(metadata, token), options)
 
     async def _call(self, rpc: _Rpc, request: Message, parse: Callable[[_Response], _Result]) -> _Result:
         with map_rpc_errors():

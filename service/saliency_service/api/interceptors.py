@@ -1,8 +1,9 @@
-"""One server interceptor at the seam: request metrics, the message-size cap, and error mapping."""
+"""One server interceptor at the seam: bearer-token check, request metrics, the message-size cap, and error mapping."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -12,7 +13,7 @@ import grpc
 from grpc.aio import ServerInterceptor
 
 from saliency_service.api.errors import status_code, to_status
-from saliency_service.core.errors import Internal, ResourceExhausted, SaliencyError
+from saliency_service.core.errors import Internal, PermissionDenied, ResourceExhausted, SaliencyError, Unauthenticated
 from saliency_service.observability import metrics
 
 log = logging.getLogger(__name__)
@@ -24,11 +25,16 @@ class SaliencyInterceptor(ServerInterceptor):
     """Wraps every SaliencyService unary handler; health and reflection pass through untouched."""
 
     def __init__(
-        self, max_message_bytes: int, known_models: Callable[[], Collection[str]], known_methods: Callable[[], Collection[str]]
+        self,
+        max_message_bytes: int,
+        known_models: Callable[[], Collection[str]],
+        known_methods: Callable[[], Collection[str]],
+        tokens: Collection[str] = (),
     ) -> None:
         self.max_message_bytes = max_message_bytes
         self._models = known_models
         self._methods = known_methods
+        self._tokens = [token.encode() for token in tokens]
 
     async def intercept_service(
         self,
@@ -40,6 +46,7 @@ class SaliencyInterceptor(ServerInterceptor):
             return handler
         rpc = details.method.rsplit("/", 1)[-1]
         inner = handler.unary_unary
+        credentials = self._credentials(details)
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             # SaliencyService names the model `model`; the Open Inference Protocol `model_name` or `name`.
@@ -52,6 +59,8 @@ class SaliencyInterceptor(ServerInterceptor):
             start = time.perf_counter()
             metrics.IN_FLIGHT.labels(rpc).inc()
             try:
+                if credentials is not None:
+                    raise credentials
                 size = request.ByteSize()
                 if size > self.max_message_bytes:
                     raise ResourceExhausted(
@@ -84,3 +93,22 @@ class SaliencyInterceptor(ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(
             behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
+
+    def _credentials(self, details: grpc.HandlerCallDetails) -> SaliencyError | None:
+        """None when the call may proceed; else the error to answer with (checked before anything else runs)."""
+        if not self._tokens:
+            return None
+        header = ""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode(errors="replace")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return Unauthenticated(
+                "MISSING_CREDENTIALS", "this server requires `authorization: Bearer <token>` metadata on every call (health excepted)"
+            )
+        presented = token.strip().encode()
+        # Compare against every token in constant time, so timing does not reveal which prefix matched.
+        if not any([hmac.compare_digest(presented, known) for known in self._tokens]):
+            return PermissionDenied("INVALID_TOKEN", "the bearer token is not one this server accepts")
+        return None

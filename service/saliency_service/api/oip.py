@@ -9,10 +9,8 @@ same statuses and ErrorInfo as SaliencyService callers.
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -22,6 +20,7 @@ import numpy as np
 
 from saliency.oip import grpc_predict_v2_pb2 as oip
 from saliency.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from saliency_service.api.work import WorkPool
 from saliency_service.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from saliency_service.core.images import ImageLimits
 from saliency_service.core.models.model import LoadedModel
@@ -87,9 +86,9 @@ def classification(logits: np.ndarray, labels: Sequence[str], k: int) -> list[li
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, executor: Executor, limits: ImageLimits, accepting: Callable[[], bool]) -> None:
+    def __init__(self, repository: ModelRepository, pool: WorkPool, limits: ImageLimits, accepting: Callable[[], bool]) -> None:
         self.repository = repository
-        self.executor = executor
+        self.pool = pool
         self.limits = limits
         self.accepting = accepting
 
@@ -142,7 +141,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         x = self._input(model, request)
         wanted = self._requested(model, request)
         names = [name for name, _ in wanted]
-        results = await asyncio.get_running_loop().run_in_executor(self.executor, model.run_onnx, x, names)
+        results = await self.pool.run("ModelInfer", lambda: model.run_onnx(x, names), context, len(x))
         response = oip.ModelInferResponse(model_name=model.name, model_version=model.config.version, id=request.id)
         for (name, k), values in zip(wanted, results, strict=True):
             if k:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,8 +18,11 @@ from saliency_service.api.interceptors import SaliencyInterceptor
 from saliency_service.api.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from saliency_service.api.oip import InferenceServicer
 from saliency_service.api.servicer import SaliencyServicer
+from saliency_service.api.work import WorkPool
 from saliency_service.config import Settings
+from saliency_service.core.budget import charge_current
 from saliency_service.core.engine import Engine
+from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.images import ImageLimits
 from saliency_service.core.methods import METHODS
 from saliency_service.core.metrics import METRICS
@@ -45,10 +49,13 @@ class SaliencyServer:
         self.repository = ModelRepository(
             settings.model_repository,
             RuntimeOptions(max_batch=settings.onnx_max_batch, threads=settings.onnx_threads, prefer_cuda=settings.prefer_cuda),
-            observer=metrics.observe_pass,
+            observer=_observe_pass,
         )
         self.engine = Engine(self.repository, ImageLimits(max_images=settings.max_batch_images, max_pixels=settings.max_image_pixels))
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="saliency-worker")
+        self.pool = WorkPool(self.executor, settings.workers, settings.max_queue, settings.max_pass_items)
+        self.credentials = server_credentials(settings)
+        self.auth_tokens = auth_tokens(settings)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -60,7 +67,9 @@ class SaliencyServer:
         known_methods = frozenset([*METHODS.names(), *METRICS.names(), *TEMPLATES.names()])
         known_models = frozenset(status.name for status in statuses)
         server = grpc.aio.server(
-            interceptors=[SaliencyInterceptor(self.settings.max_message_bytes, lambda: known_models, lambda: known_methods)],
+            interceptors=[SaliencyInterceptor(
+                    self.settings.max_message_bytes, lambda: known_models, lambda: known_methods, tokens=self.auth_tokens
+                )],
             options=[
                 # The transport cap is a backstop at twice the application cap, so that most oversized
                 # requests get the application's RESOURCE_EXHAUSTED with an ErrorInfo naming the cap.
@@ -68,14 +77,18 @@ class SaliencyServer:
                 ("grpc.max_send_message_length", 4 * self.settings.max_message_bytes),
             ],
         )
-        pb_grpc.add_SaliencyServiceServicer_to_server(SaliencyServicer(self.engine, self.executor), server)
-        inference = InferenceServicer(self.repository, self.executor, self.engine.limits, lambda: self._accepting)
+        pb_grpc.add_SaliencyServiceServicer_to_server(SaliencyServicer(self.engine, self.pool), server)
+        inference = InferenceServicer(self.repository, self.pool, self.engine.limits, lambda: self._accepting)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, OIP_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
         )
-        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self.credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, self.credentials)
         if self.port == 0:
             raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
         await server.start()
@@ -105,3 +118,39 @@ class SaliencyServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _observe_pass(model: str, kind: str, batch: int) -> None:
+    """Count the pass for Prometheus and charge it to the running request's budget (which may stop the request)."""
+    metrics.observe_pass(model, kind, batch)
+    charge_current(batch)
+
+
+def _read(setting: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument("INVALID_SETTINGS", f"setting '{setting}': cannot read {path}: {exc.strerror}") from None
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from the settings (mutual TLS with a client CA); None for a plaintext port."""
+    if not settings.tls_cert_file and not settings.tls_key_file:
+        if settings.tls_client_ca_file:
+            raise InvalidArgument("INVALID_SETTINGS", "tls_client_ca_file needs tls_cert_file and tls_key_file: mutual TLS is TLS first")
+        return None
+    if not (settings.tls_cert_file and settings.tls_key_file):
+        raise InvalidArgument("INVALID_SETTINGS", "set both tls_cert_file and tls_key_file, or neither")
+    pair = (_read("tls_key_file", settings.tls_key_file), _read("tls_cert_file", settings.tls_cert_file))
+    ca = _read("tls_client_ca_file", settings.tls_client_ca_file) if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def auth_tokens(settings: Settings) -> frozenset[str]:
+    """The accepted bearer tokens; empty: no token check."""
+    if not settings.auth_token_file:
+        return frozenset()
+    tokens = frozenset(line.strip() for line in _read("auth_token_file", settings.auth_token_file).decode().splitlines() if line.strip())
+    if not tokens:
+        raise InvalidArgument("INVALID_SETTINGS", f"auth_token_file {settings.auth_token_file} holds no token")
+    return tokens

@@ -2,56 +2,40 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
-from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from saliency.v1 import saliency_service_pb2 as pb
 from saliency.v1 import saliency_service_pb2_grpc as pb_grpc
 from saliency_service.api import codec
+from saliency_service.api.work import WorkPool
 from saliency_service.core.engine import Engine
 from saliency_service.core.methods import METHODS
 from saliency_service.core.metrics import METRICS
 from saliency_service.core.verbalize import TEMPLATES
-from saliency_service.observability import metrics
 
 Context = grpc.aio.ServicerContext[Any, Any]
-T = TypeVar("T")
-J = TypeVar("J")
 
 
 class SaliencyServicer(pb_grpc.SaliencyServiceServicer):
-    def __init__(self, engine: Engine, executor: Executor) -> None:
+    def __init__(self, engine: Engine, pool: WorkPool) -> None:
         self.engine = engine
-        self.executor = executor
-
-    async def _run(self, rpc: str, work: Callable[[J], T], job: J, images: int) -> T:
-        """Run blocking work in the bounded pool; the event loop stays free."""
-        metrics.REQUEST_IMAGES.labels(rpc).observe(images)
-        queued = time.perf_counter()
-
-        def timed() -> T:
-            metrics.QUEUE_SECONDS.labels(rpc).observe(time.perf_counter() - queued)
-            return work(job)
-
-        return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
+        self.pool = pool
 
     async def Explain(self, request: pb.ExplainRequest, context: Context) -> pb.ExplainResponse:
         job = codec.explain_job(request)
-        explanations = await self._run("Explain", self.engine.explain, job, len(job.images))
+        explanations = await self.pool.run("Explain", lambda: self.engine.explain(job), context, len(job.images))
         return codec.explain_response(explanations, self.engine.repository.get(job.model).config.labels)
 
     async def Score(self, request: pb.ScoreRequest, context: Context) -> pb.ScoreResponse:
         job = codec.score_job(request)
-        return codec.score_response(await self._run("Score", self.engine.score, job, len(job.images)))
+        return codec.score_response(await self.pool.run("Score", lambda: self.engine.score(job), context, len(job.images)))
 
     async def Verbalize(self, request: pb.VerbalizeRequest, context: Context) -> pb.VerbalizeResponse:
         job = codec.verbalize_job(request)
-        return codec.verbalize_response(await self._run("Verbalize", self.engine.verbalize, job, len(job.images) or len(job.saliency)))
+        items = await self.pool.run("Verbalize", lambda: self.engine.verbalize(job), context, len(job.images) or len(job.saliency))
+        return codec.verbalize_response(items)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[codec.model(status) for status in self.engine.repository.statuses()])

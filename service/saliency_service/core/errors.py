@@ -36,6 +36,22 @@ class ResourceExhausted(SaliencyError):
     """The request exceeds a configured cap (size, batch, compute) or the server is at capacity."""
 
 
+class Cancelled(SaliencyError):
+    """The caller cancelled the request; its work stopped at the next model pass."""
+
+
+class DeadlineExceeded(SaliencyError):
+    """The caller's deadline passed before the work finished; the work stopped at the next model pass."""
+
+
+class Unauthenticated(SaliencyError):
+    """The request carries no credentials the server accepts."""
+
+
+class PermissionDenied(SaliencyError):
+    """The request's credentials are not allowed to call this service."""
+
+
 class Unavailable(SaliencyError):
     """The service is shutting down or temporarily unable to serve."""
 

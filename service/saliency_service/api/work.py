@@ -1,0 +1,86 @@
+"""The bounded pool that runs every RPC's blocking work, with admission control and cancellation.
+
+At most `workers` jobs run and `max_queue` wait; a request beyond that gets RESOURCE_EXHAUSTED at once
+instead of hanging in a queue. Each job runs under a RequestBudget: when the caller cancels or its
+deadline passes, the budget is cancelled and the job stops after its current model pass, freeing its
+worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import grpc
+
+from saliency_service.core.budget import RequestBudget, budget_scope
+from saliency_service.core.errors import ResourceExhausted
+from saliency_service.observability import metrics
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class WorkPool:
+    def __init__(self, executor: Executor, workers: int, max_queue: int, max_pass_items: int = 0) -> None:
+        self.executor = executor
+        self.workers = workers
+        self.max_queue = max_queue
+        self.max_pass_items = max_pass_items
+        self._outstanding = 0
+        self._lock = threading.Lock()
+
+    @property
+    def capacity(self) -> int:
+        return self.workers + self.max_queue
+
+    @property
+    def outstanding(self) -> int:
+        """Jobs running or waiting now."""
+        return self._outstanding
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self._outstanding >= self.capacity:
+                raise ResourceExhausted(
+                    "SERVER_BUSY",
+                    f"the server is at capacity: {self.workers} requests running and {self.max_queue} waiting (workers, max_queue); "
+                    "retry with backoff",
+                    {"workers": self.workers, "max_queue": self.max_queue},
+                )
+            self._outstanding += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._outstanding -= 1
+
+    async def run(self, rpc: str, work: Callable[[], T], context: Context | None = None, images: int = 0) -> T:
+        """Run `work` in the pool under a fresh budget; cancelling the awaiting task cancels the budget."""
+        self._admit()
+        metrics.REQUEST_IMAGES.labels(rpc).observe(images)
+        remaining = context.time_remaining() if context is not None else None
+        budget = RequestBudget(self.max_pass_items, None if remaining is None else time.monotonic() + remaining)
+        queued = time.perf_counter()
+
+        def job() -> T:
+            metrics.QUEUE_SECONDS.labels(rpc).observe(time.perf_counter() - queued)
+            with budget_scope(budget):
+                return work()
+
+        try:
+            future = self.executor.submit(job)
+        except BaseException:
+            self._release()
+            raise
+        # Released when the job really ends (or is dropped from the queue), not when the caller goes away.
+        future.add_done_callback(lambda _: self._release())
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            budget.cancel()
+            future.cancel()
+            raise
