@@ -49,6 +49,17 @@ NOISE_PARAMS = (
 )
 
 
+NOISE_STREAM = 1
+"""SeedSequence spawn key of the noise draws: a stream of their own, so the noise is independent of any other
+draws a method makes from the same request seed (Integrated Gradients' uniform baseline uses default_rng(seed))."""
+
+
+def noise_draws(seed: int, samples: int, shape: tuple[int, ...]) -> np.ndarray:
+    """samples x shape standard normal float32 draws, the same for every item of a request."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(NOISE_STREAM,)))
+    return rng.standard_normal((samples, *shape), dtype=np.float32)
+
+
 class GradientMethod(SaliencyMethod):
     """A method whose map is a function of one input; gains the noise parameters for free."""
 
@@ -69,10 +80,9 @@ class GradientMethod(SaliencyMethod):
         x = np.asarray(request.x, dtype=np.float32)
         batch = len(x)
         spread = (x.reshape(batch, -1).max(axis=1) - x.reshape(batch, -1).min(axis=1)).astype(np.float32)
-        rng = np.random.default_rng(request.seed)
         # Row r of the noisy batch is item r // samples; each item's noise depends only on the seed and
         # its own sample index, so an item's map does not depend on its batch position.
-        noise = rng.standard_normal((samples, *x.shape[1:]), dtype=np.float32)
+        noise = noise_draws(request.seed, samples, x.shape[1:])
         noisy = x[:, None] + sigma * spread[:, None, None, None, None] * noise[None]
         items = np.repeat(np.arange(batch), samples)
         expanded = dataclasses.replace(
