@@ -77,7 +77,9 @@ def test_noise_equals_a_loop_over_samples(kind: str, method: str, params: dict[s
         image = x[item]
         noise_std = sigma * (float(image.max()) - float(image.min()))
         maps = [
-            _attribute(model, method, (image + noise_std * draws[s])[None].astype(np.float32), targets[item : item + 1], seed=seed, **params)[0]
+            _attribute(
+                model, method, (image + noise_std * draws[s])[None].astype(np.float32), targets[item : item + 1], seed=seed, **params
+            )[0]
             for s in range(samples)
         ]
         stack = np.stack(maps).astype(np.float64)

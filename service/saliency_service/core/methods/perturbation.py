@@ -79,8 +79,7 @@ class Occlusion(SaliencyMethod):
             "stride",
             "int",
             8,
-            f"Step between windows in pixels, 1..window (so every pixel is covered); at most {MAX_OCCLUSION_WINDOWS} windows "
-            "per image.",
+            f"Step between windows in pixels, 1..window (so every pixel is covered); at most {MAX_OCCLUSION_WINDOWS} windows per image.",
             minimum=1,
             maximum=MAX_OCCLUSION_WINDOW,
         ),
@@ -130,8 +129,7 @@ def _check_occlusion(window: int, stride: int, height: int, width: int) -> None:
     if stride > window:
         raise InvalidArgument(
             "STRIDE_LARGER_THAN_WINDOW",
-            f"occlusion stride {stride} is larger than the window {window}, so some pixels would never be occluded; "
-            f"use stride <= {window}",
+            f"occlusion stride {stride} is larger than the window {window}, so some pixels would never be occluded; use stride <= {window}",
             {"parameter": "stride", "maximum": window},
         )
     windows = len(window_starts(height, window, stride)) * len(window_starts(width, window, stride))
