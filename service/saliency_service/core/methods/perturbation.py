@@ -23,6 +23,7 @@ OCCLUSION_FILLS = ("zero", "mean", "blur")
 MAX_RISE_MASKS = 16384
 MAX_RISE_GRID = 64
 RISE_SCORES = ("probability", "logit")
+GRID_BLOCK = 1024
 
 
 # ---- Occlusion ----
@@ -177,12 +178,13 @@ class RiseMasks:
 
     def __init__(self, seed: int, count: int, grid: int, p: float, height: int, width: int) -> None:
         rng = np.random.default_rng(seed)
-        self.grids = (rng.random((count, grid, grid)) < p).astype(np.float64)
+        # Drawn a block at a time (the same stream as one draw) so no count x s x s float64 array is ever held.
+        self.grids = np.concatenate([rng.random((min(GRID_BLOCK, count - start), grid, grid)) < p for start in range(0, count, GRID_BLOCK)])
         cell_h, cell_w = math.ceil(height / grid), math.ceil(width / grid)
         self.shift_y = rng.integers(0, cell_h, count)
         self.shift_x = rng.integers(0, cell_w, count)
-        self.up_y = upsample_matrix(grid, (grid + 1) * cell_h)
-        self.up_x = upsample_matrix(grid, (grid + 1) * cell_w)
+        self.up_y = upsample_matrix(grid, (grid + 1) * cell_h).astype(np.float32)
+        self.up_x = upsample_matrix(grid, (grid + 1) * cell_w).astype(np.float32)
         self.height, self.width = height, width
 
     def __len__(self) -> int:
@@ -193,7 +195,7 @@ class RiseMasks:
         # Cropping the upsampled grid is selecting rows of the interpolation matrices.
         rows = self.up_y[self.shift_y[start:stop, None] + np.arange(self.height)]
         cols = self.up_x[self.shift_x[start:stop, None] + np.arange(self.width)]
-        masks: np.ndarray = (rows @ self.grids[start:stop] @ cols.transpose(0, 2, 1)).astype(np.float32)
+        masks: np.ndarray = rows @ self.grids[start:stop].astype(np.float32) @ cols.transpose(0, 2, 1)
         return masks
 
 
