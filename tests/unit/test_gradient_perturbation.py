@@ -122,9 +122,10 @@ def test_supplied_baseline_errors(tiny_cnn) -> None:
         with pytest.raises(InvalidArgument) as unused:
             _attribute(tiny_cnn.model, "integrated_gradients", x, targets, supplied=np.zeros_like(x), baseline=choice)
         assert unused.value.reason == "BASELINE_NOT_USED" and "supplied" in unused.value.message
-    with pytest.raises(InvalidArgument) as mismatch:
-        _attribute(tiny_cnn.model, "integrated_gradients", x, targets, supplied=np.zeros_like(x[:1]), baseline="supplied")
-    assert mismatch.value.reason == "BASELINE_SHAPE_MISMATCH"
+    for noise in ("none", "smoothgrad"):
+        with pytest.raises(InvalidArgument) as mismatch:
+            _attribute(tiny_cnn.model, "integrated_gradients", x, targets, supplied=np.zeros_like(x[:1]), baseline="supplied", noise=noise)
+        assert mismatch.value.reason == "BASELINE_SHAPE_MISMATCH"
     assert METHODS.get("integrated_gradients").takes_baseline and not METHODS.get("saliency").takes_baseline
 
 

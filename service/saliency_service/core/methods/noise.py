@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.methods.base import MethodInput, SaliencyMethod
 from saliency_service.core.params import ParamSpec
 
@@ -72,6 +73,14 @@ class GradientMethod(SaliencyMethod):
         cls.params = (*cls.own_params, *NOISE_PARAMS)
 
     def attribute(self, request: MethodInput) -> np.ndarray:
+        # Checked before the noisy batch indexes the baselines by item.
+        if request.baseline is not None and np.shape(request.baseline) != np.shape(request.x):
+            raise InvalidArgument(
+                "BASELINE_SHAPE_MISMATCH",
+                f"the supplied baselines have shape {list(np.shape(request.baseline))} after preprocessing but the inputs have "
+                f"{list(np.shape(request.x))}; send exactly one baseline image per input image",
+                {"parameter": "baseline"},
+            )
         kind = str(request.params.get("noise", "none"))
         if kind == "none":
             return self.attribute_once(request)
