@@ -1,4 +1,5 @@
-"""Input-gradient methods: vanilla gradient (Simonyan et al. 2014) and Integrated Gradients (Sundararajan et al. 2017)."""
+"""Input-gradient methods (METHODS.md §7.1): vanilla gradient (Simonyan et al. 2014), gradient x input
+(Shrikumar et al. 2016) and Integrated Gradients (Sundararajan et al. 2017)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from saliency_service.core.params import ParamSpec
 MAX_IG_STEPS = 1024
 IG_RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gauss_legendre")
 IG_BASELINES = ("zero", "blur", "uniform")
+"""The baselines `ig_baseline` computes from the input; "supplied" takes the caller's (`MethodInput.baseline`)."""
+SUPPLIED_BASELINE = "supplied"
 
 
 def _as_tensor(x: np.ndarray) -> torch.Tensor:
@@ -38,6 +41,19 @@ class Saliency(GradientMethod):
         if request.params["abs"]:
             return gradient.abs().amax(dim=1).numpy()
         return gradient.sum(dim=1).numpy()
+
+
+@METHODS.register("input_x_gradient")
+class InputXGradient(GradientMethod):
+    description = (
+        "Gradient x input (Shrikumar et al. 2016): x times d objective / dx, summed over the colour channels and "
+        "signed; x is the normalised input, so pixels at the dataset mean get zero."
+    )
+
+    def attribute_once(self, request: MethodInput) -> np.ndarray:
+        x = _as_tensor(request.x)
+        _, gradient = request.model.input_gradient(x, request.objective())
+        return (x * gradient).sum(dim=1).numpy()
 
 
 def path_rule(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +101,29 @@ def ig_baseline(kind: str, x: torch.Tensor, model: LoadedModel, seed: int) -> to
     return torch.from_numpy(((noise - mean) / std).astype(np.float32)).expand_as(x).clone()
 
 
+def _path_start(request: MethodInput, x: torch.Tensor) -> torch.Tensor:
+    """The baseline the request asks for; a supplied baseline must be asked for, and only then used."""
+    kind = str(request.params["baseline"])
+    if kind != SUPPLIED_BASELINE:
+        if request.baseline is not None:
+            raise InvalidArgument(
+                "BASELINE_NOT_USED",
+                f"baseline images were sent but parameter 'baseline' is '{kind}'; set baseline='{SUPPLIED_BASELINE}' to use them, "
+                "or send no baseline images",
+                {"parameter": "baseline"},
+            )
+        return ig_baseline(kind, x, request.model, request.seed)
+    if request.baseline is None:
+        raise InvalidArgument(
+            "BASELINE_MISSING",
+            f"parameter baseline='{SUPPLIED_BASELINE}' needs one baseline image per input image in the request; send them, "
+            f"or choose a computed baseline ({', '.join(IG_BASELINES)})",
+            {"parameter": "baseline"},
+        )
+    # GradientMethod.attribute has checked that it matches the input's shape.
+    return _as_tensor(request.baseline)
+
+
 @METHODS.register("integrated_gradients")
 class IntegratedGradients(GradientMethod):
     description = (
@@ -107,16 +146,18 @@ class IntegratedGradients(GradientMethod):
             "string",
             "zero",
             "zero: all zeros in normalised space (the dataset mean); blur: 11x11 sigma=5 Gaussian blur of the input; "
-            "uniform: uniform noise over the valid pixel range, drawn from the request's seed.",
-            choices=IG_BASELINES,
+            "uniform: uniform noise over the valid pixel range, drawn from the request's seed; "
+            "supplied: the reference images sent with the request (one per image).",
+            choices=(*IG_BASELINES, SUPPLIED_BASELINE),
         ),
     )
+    takes_baseline = True
 
     def attribute_once(self, request: MethodInput) -> np.ndarray:
         steps = int(request.params["steps"])
         alphas, step_weights = path_rule(str(request.params["rule"]), steps)
         x = _as_tensor(request.x)
-        baseline = ig_baseline(str(request.params["baseline"]), x, request.model, request.seed)
+        baseline = _path_start(request, x)
         delta = x - baseline
         objective = request.objective()
         alpha_t = torch.from_numpy(alphas).float()

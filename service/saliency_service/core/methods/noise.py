@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.methods.base import MethodInput, SaliencyMethod
 from saliency_service.core.params import ParamSpec
 
@@ -49,6 +50,17 @@ NOISE_PARAMS = (
 )
 
 
+NOISE_STREAM = 1
+"""SeedSequence spawn key of the noise draws: a stream of their own, so the noise is independent of any other
+draws a method makes from the same request seed (Integrated Gradients' uniform baseline uses default_rng(seed))."""
+
+
+def noise_draws(seed: int, samples: int, shape: tuple[int, ...]) -> np.ndarray:
+    """samples x shape standard normal float32 draws, the same for every item of a request."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(NOISE_STREAM,)))
+    return rng.standard_normal((samples, *shape), dtype=np.float32)
+
+
 class GradientMethod(SaliencyMethod):
     """A method whose map is a function of one input; gains the noise parameters for free."""
 
@@ -61,6 +73,14 @@ class GradientMethod(SaliencyMethod):
         cls.params = (*cls.own_params, *NOISE_PARAMS)
 
     def attribute(self, request: MethodInput) -> np.ndarray:
+        # Checked before the noisy batch indexes the baselines by item.
+        if request.baseline is not None and np.shape(request.baseline) != np.shape(request.x):
+            raise InvalidArgument(
+                "BASELINE_SHAPE_MISMATCH",
+                f"the supplied baselines have shape {list(np.shape(request.baseline))} after preprocessing but the inputs have "
+                f"{list(np.shape(request.x))}; send exactly one baseline image per input image",
+                {"parameter": "baseline"},
+            )
         kind = str(request.params.get("noise", "none"))
         if kind == "none":
             return self.attribute_once(request)
@@ -69,10 +89,9 @@ class GradientMethod(SaliencyMethod):
         x = np.asarray(request.x, dtype=np.float32)
         batch = len(x)
         spread = (x.reshape(batch, -1).max(axis=1) - x.reshape(batch, -1).min(axis=1)).astype(np.float32)
-        rng = np.random.default_rng(request.seed)
         # Row r of the noisy batch is item r // samples; each item's noise depends only on the seed and
         # its own sample index, so an item's map does not depend on its batch position.
-        noise = rng.standard_normal((samples, *x.shape[1:]), dtype=np.float32)
+        noise = noise_draws(request.seed, samples, x.shape[1:])
         noisy = x[:, None] + sigma * spread[:, None, None, None, None] * noise[None]
         items = np.repeat(np.arange(batch), samples)
         expanded = dataclasses.replace(
