@@ -1,4 +1,6 @@
-"""Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): the layer's first principal direction, gradient-free."""
+"""Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): the layer's first principal direction, gradient-free;
+and Eigen-Grad-CAM (pytorch-grad-cam, no paper): the same projection of gradients x activations.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +12,13 @@ from saliency_service.core.methods.cam import postprocess_cam, require_layer
 from saliency_service.core.params import ParamSpec
 
 
-def first_component_projection(activations: torch.Tensor, center: bool) -> torch.Tensor:
+def first_component_projection(activations: torch.Tensor, center: bool, signed: bool = False) -> torch.Tensor:
     """Project each item's Z x K activation matrix O on its first right singular vector: B x h x w.
 
     The SVD's sign is arbitrary, and the ReLU that follows would turn a flipped component into an
     empty map, so the sign is fixed (METHODS.md §1.6): uncentred, sum(v1) >= 0 (Perron-Frobenius
-    makes v1 non-negative for non-negative activations); centred, the map correlates positively
-    with the channel sum.
+    makes v1 non-negative for non-negative activations); centred, or for a `signed` matrix
+    (gradients x activations) either way, the map correlates positively with the channel sum.
     """
     batch, channels, h, w = activations.shape
     # float64: the SVD of near-degenerate spectra is where float32 loses the first component.
@@ -25,7 +27,7 @@ def first_component_projection(activations: torch.Tensor, center: bool) -> torch
     _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
     v1 = vh[:, 0, :]
     projection = (matrix @ v1[:, :, None])[:, :, 0]
-    if center:
+    if center or signed:
         agreement = (projection * raw.sum(dim=2)).sum(dim=1)
     else:
         agreement = v1.sum(dim=1)
@@ -53,5 +55,36 @@ class EigenCam(SaliencyMethod):
         layer = require_layer(request, self.name)
         _, activations = request.model.forward(np.ascontiguousarray(request.x, dtype=np.float32), [layer])
         maps = first_component_projection(torch.from_numpy(activations[layer]), bool(request.params["center"]))
+        spec = request.model.config.input
+        return postprocess_cam(maps, spec.height, spec.width)
+
+
+@METHODS.register("eigen_grad_cam")
+class EigenGradCam(SaliencyMethod):
+    """Eigen-Grad-CAM (pytorch-grad-cam's `EigenGradCAM`, no paper; METHODS.md §1.7).
+
+    The first principal component of G * A (gradient of the objective times the activation, per
+    channel and position), projected as in Eigen-CAM. G * A is signed, so the sign is chosen to make
+    the map correlate positively with sum_k G_k * A_k (the HiResCAM map); pytorch-grad-cam leaves
+    it to the SVD.
+    """
+
+    description = "Eigen-Grad-CAM: the first principal component of gradients x activations at the layer; class-sensitive Eigen-CAM."
+    family = "cam"
+    uses_layer = True
+    params = (
+        ParamSpec(
+            "center",
+            "bool",
+            True,
+            "Subtract each channel's spatial mean before the SVD (true: pytorch-grad-cam's definition, a PCA); false: uncentred SVD.",
+        ),
+    )
+
+    def attribute(self, request: MethodInput) -> np.ndarray:
+        layer = require_layer(request, self.name)
+        x = torch.from_numpy(np.ascontiguousarray(request.x, dtype=np.float32))
+        _, activations, gradients = request.model.layer_gradient(x, request.objective(), layer)
+        maps = first_component_projection(gradients * activations, bool(request.params["center"]), signed=True)
         spec = request.model.config.input
         return postprocess_cam(maps, spec.height, spec.width)
