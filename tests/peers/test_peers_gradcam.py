@@ -14,7 +14,6 @@ Choices where the service differs from pytorch-grad-cam by design, and what is c
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -101,8 +100,14 @@ def peer_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[PeerCnn, Loaded
     module.eval()
     repository = tmp_path_factory.mktemp("peer-models")
     folder = export_model(
-        module, torch.zeros((1, 3, *SIZE)), repository, "peer-cnn", labels=[f"c{i}" for i in range(5)], layers=list(LAYERS),
-        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+        module,
+        torch.zeros((1, 3, *SIZE)),
+        repository,
+        "peer-cnn",
+        labels=[f"c{i}" for i in range(5)],
+        layers=list(LAYERS),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
     )
     return module, LoadedModel.load(folder, RuntimeOptions(max_batch=64, threads=1, prefer_cuda=False))
 
@@ -115,7 +120,10 @@ def _images(count: int, seed: int) -> np.ndarray:
 
 
 def _peer_sign_agrees(module: nn.Module, layer: str, x: np.ndarray, target: int, with_gradient: bool) -> bool:
-    """Whether numpy's SVD sign in pytorch-grad-cam's projection agrees with the service's rule (positive correlation with the channel sum)."""
+    """Whether numpy's SVD sign in pytorch-grad-cam's projection agrees with the service's rule.
+
+    The rule: the map correlates positively with the channel sum.
+    """
     captured: dict[str, torch.Tensor] = {}
 
     def keep(_: nn.Module, __: object, output: torch.Tensor) -> None:
@@ -167,9 +175,7 @@ def test_matches_pytorch_grad_cam(method: str, layer: str, peer_case: tuple[Peer
         SIGN_SKIPPED[(method, layer)] = len(x) - len(keep)
         assert len(keep) >= 2, "too few images where pytorch-grad-cam's SVD sign agrees to compare"
     cls = METHODS.get(method)
-    ours = cls().attribute(
-        MethodInput(model, x[keep], targets[keep], resolve_params(cls.params, params, method), layer, seed=0)
-    )
+    ours = cls().attribute(MethodInput(model, x[keep], targets[keep], resolve_params(cls.params, params, method), layer, seed=0))
     target_layer = module.get_submodule(layer)
     with peer_class(model=module, target_layers=[target_layer]) as cam:
         peer = cam(input_tensor=torch.from_numpy(x[keep]), targets=[ClassifierOutputTarget(int(t)) for t in targets[keep]])

@@ -12,13 +12,13 @@ from saliency_service.core.methods.cam import postprocess_cam, require_layer
 from saliency_service.core.params import ParamSpec
 
 
-def first_component_projection(activations: torch.Tensor, center: bool, signed: bool = False) -> torch.Tensor:
+def first_component_projection(activations: torch.Tensor, center: bool) -> torch.Tensor:
     """Project each item's Z x K activation matrix O on its first right singular vector: B x h x w.
 
     The SVD's sign is arbitrary, and the ReLU that follows would turn a flipped component into an
     empty map, so the sign is fixed (METHODS.md §1.6): uncentred, sum(v1) >= 0 (Perron-Frobenius
-    makes v1 non-negative for non-negative activations); centred, or for a `signed` matrix
-    (gradients x activations) either way, the map correlates positively with the channel sum.
+    makes v1 non-negative for non-negative activations); centred, the map correlates positively
+    with the channel sum.
     """
     batch, channels, h, w = activations.shape
     # float64: the SVD of near-degenerate spectra is where float32 loses the first component.
@@ -27,7 +27,7 @@ def first_component_projection(activations: torch.Tensor, center: bool, signed: 
     _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
     v1 = vh[:, 0, :]
     projection = (matrix @ v1[:, :, None])[:, :, 0]
-    if center or signed:
+    if center:
         agreement = (projection * raw.sum(dim=2)).sum(dim=1)
     else:
         agreement = v1.sum(dim=1)
@@ -64,9 +64,10 @@ class EigenGradCam(SaliencyMethod):
     """Eigen-Grad-CAM (pytorch-grad-cam's `EigenGradCAM`, no paper; METHODS.md §1.7).
 
     The first principal component of G * A (gradient of the objective times the activation, per
-    channel and position), projected as in Eigen-CAM. G * A is signed, so the sign is chosen to make
-    the map correlate positively with sum_k G_k * A_k (the HiResCAM map); pytorch-grad-cam leaves
-    it to the SVD.
+    channel and position), projected as in Eigen-CAM with Eigen-CAM's sign rules. G * A is signed, but
+    both rules still mean "the map correlates positively with sum_k G_k * A_k" (the HiResCAM map):
+    with O the Z x K matrix and m = O v1, m . (O 1) = v1' O'O 1 = s1^2 sum(v1), and centring does not
+    change the dot product of the zero-mean m. pytorch-grad-cam leaves the sign to the SVD.
     """
 
     description = "Eigen-Grad-CAM: the first principal component of gradients x activations at the layer; class-sensitive Eigen-CAM."
@@ -85,6 +86,6 @@ class EigenGradCam(SaliencyMethod):
         layer = require_layer(request, self.name)
         x = torch.from_numpy(np.ascontiguousarray(request.x, dtype=np.float32))
         _, activations, gradients = request.model.layer_gradient(x, request.objective(), layer)
-        maps = first_component_projection(gradients * activations, bool(request.params["center"]), signed=True)
+        maps = first_component_projection(gradients * activations, bool(request.params["center"]))
         spec = request.model.config.input
         return postprocess_cam(maps, spec.height, spec.width)
