@@ -84,14 +84,14 @@ class ScoreCam(SaliencyMethod):
         activations = torch.from_numpy(layer_outputs[layer])
         batch, channels = activations.shape[:2]
         spec = model.config.input
-        masks = score_masks(activations, spec.height, spec.width)
-        x = torch.from_numpy(x_np).double()
+        masks = score_masks(activations, spec.height, spec.width).float()
+        x = torch.from_numpy(x_np)
         rows = batch * channels
         scores = np.empty(rows, dtype=np.float64)
         for start, end in _chunks(rows, model.max_batch):
             index = torch.arange(start, end)
             items, kept = index // channels, index % channels
-            masked = (x[items] * masks[items, kept][:, None]).float().numpy()
+            masked = (x[items] * masks[items, kept][:, None]).numpy()
             logits = model.logits(masked)
             if request.params["score"] == "probability":
                 logits = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
