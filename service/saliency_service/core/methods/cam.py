@@ -2,8 +2,10 @@
 
 Pipeline: activations A and gradients G at the requested layer -> one per-method step,
 `cam_weights` -> ReLU(sum_k w_k A_k) -> per-item min-max -> bilinear upsample to the model's input
-size. A new CAM overrides `cam_weights` only (per channel, B x K x 1 x 1, or per position,
-B x K x h x w); gradient-free CAMs (Eigen-CAM, Score-CAM, Ablation-CAM) reuse `postprocess_cam`.
+size. A new CAM overrides `cam_weights` (per channel, B x K x 1 x 1, or per position,
+B x K x h x w; `params` are the request's validated parameters), and `cam_map` only where the map
+is more than the weighted channel sum (LayerCAM's tanh); gradient-free CAMs (Eigen-CAM, Score-CAM,
+Ablation-CAM) reuse `postprocess_cam`.
 
 Methods: Grad-CAM (Selvaraju et al., ICCV 2017), Grad-CAM++ (Chattopadhay et al., WACV 2018),
 HiResCAM (Draelos & Carin, arXiv 2011.08891), XGrad-CAM (Fu et al., BMVC 2020), LayerCAM
