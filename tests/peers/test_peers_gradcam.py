@@ -9,6 +9,9 @@ Choices where the service differs from pytorch-grad-cam by design, and what is c
   Both Eigen methods fix the SVD's sign, pytorch-grad-cam does not: the images below are ones where
   numpy's sign agrees (checked, not assumed: `_peer_sign_agrees`).
 - Ablation-CAM divides by |y| (pytorch-grad-cam by y): the same where y > 0, which is checked.
+- Score-CAM upsamples its masks with align_corners=False, pytorch-grad-cam with True (r ~ 0.9996;
+  1.000000 when the service's masks are switched to True). Grad-CAM++: pytorch-grad-cam adds 1e-6
+  to alpha's denominator, the service does not (r ~ 0.99999).
 """
 
 from __future__ import annotations
