@@ -1,4 +1,6 @@
-"""Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): the layer's first principal direction, gradient-free."""
+"""Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): the layer's first principal direction, gradient-free;
+and Eigen-Grad-CAM (pytorch-grad-cam, no paper): the same projection of gradients x activations.
+"""
 
 from __future__ import annotations
 
@@ -53,5 +55,37 @@ class EigenCam(SaliencyMethod):
         layer = require_layer(request, self.name)
         _, activations = request.model.forward(np.ascontiguousarray(request.x, dtype=np.float32), [layer])
         maps = first_component_projection(torch.from_numpy(activations[layer]), bool(request.params["center"]))
+        spec = request.model.config.input
+        return postprocess_cam(maps, spec.height, spec.width)
+
+
+@METHODS.register("eigen_grad_cam")
+class EigenGradCam(SaliencyMethod):
+    """Eigen-Grad-CAM (pytorch-grad-cam's `EigenGradCAM`, no paper; METHODS.md §1.7).
+
+    The first principal component of G * A (gradient of the objective times the activation, per
+    channel and position), projected as in Eigen-CAM with Eigen-CAM's sign rules. G * A is signed, but
+    both rules still mean "the map correlates positively with sum_k G_k * A_k" (the HiResCAM map):
+    with O the Z x K matrix and m = O v1, m . (O 1) = v1' O'O 1 = s1^2 sum(v1), and centring does not
+    change the dot product of the zero-mean m. pytorch-grad-cam leaves the sign to the SVD.
+    """
+
+    description = "Eigen-Grad-CAM: the first principal component of gradients x activations at the layer; class-sensitive Eigen-CAM."
+    family = "cam"
+    uses_layer = True
+    params = (
+        ParamSpec(
+            "center",
+            "bool",
+            True,
+            "Subtract each channel's spatial mean before the SVD (true: pytorch-grad-cam's definition, a PCA); false: uncentred SVD.",
+        ),
+    )
+
+    def attribute(self, request: MethodInput) -> np.ndarray:
+        layer = require_layer(request, self.name)
+        x = torch.from_numpy(np.ascontiguousarray(request.x, dtype=np.float32))
+        _, activations, gradients = request.model.layer_gradient(x, request.objective(), layer)
+        maps = first_component_projection(gradients * activations, bool(request.params["center"]))
         spec = request.model.config.input
         return postprocess_cam(maps, spec.height, spec.width)
