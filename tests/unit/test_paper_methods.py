@@ -252,6 +252,16 @@ def test_cf_cam_filter_kernel() -> None:
     assert not torch.allclose(filter_kernel(gradient * 1e3, 5.0, 0.1), gaussian, rtol=1e-3)  # and not for large gradients
 
 
+def test_cf_cam_contrast_uses_the_difference_gradient(tiny_cnn) -> None:
+    model = tiny_cnn.model
+    x, targets, foils = _inputs(model, 2, seed=23), np.array([0, 1], dtype=np.int64), np.array([2, 0], dtype=np.int64)
+    _, a, g = model.layer_gradient(torch.from_numpy(x), _objective(model, targets) - _objective(model, foils), "features")
+    expected = torch.stack([cf_cam_map(a[i].double(), g[i].double(), weighting="linear") for i in range(2)]).numpy()
+    spec = model.config.input
+    got = _run(model, "cf_cam", x, targets, {"weighting": "linear"}, foils=foils)
+    np.testing.assert_allclose(got, _upsample_max(expected, spec.height, spec.width), atol=1e-5)
+
+
 def test_cf_cam_rejects_bad_parameters() -> None:
     specs = METHODS.get("cf_cam").params
     for bad in ({"important_percentile": 101.0}, {"eps": -1.0}, {"min_samples": 1.5}, {"filter": "median"}, {"sigma_range": 0.0}):
