@@ -1,4 +1,4 @@
-"""`saliency-service serve | export | shapes-eval`."""
+"""`saliency-service serve | export | shapes-eval | lp-cam-prototypes`."""
 
 from __future__ import annotations
 
@@ -89,6 +89,34 @@ def _shapes_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lp_cam_prototypes(args: argparse.Namespace) -> int:
+    from saliency_service.core.methods.lp_cam import build_prototypes, prototype_file
+    from saliency_service.core.models.model import LoadedModel, RuntimeOptions
+    from saliency_service.shapes.generator import generate_batch, train_seeds
+    from saliency_service.shapes.network import preprocess
+
+    if args.model != "shapes":
+        raise SystemExit(
+            "lp-cam-prototypes generates its images with the shapes generator, so it only serves the `shapes` model; for another "
+            "model call saliency_service.core.methods.lp_cam.build_prototypes(model, images, layer, k, labels=...) on its training images"
+        )
+    folder = args.model_repository / args.model
+    model = LoadedModel.load(folder, RuntimeOptions(prefer_cuda=False))
+    layer: str = args.layer or model.config.default_layer or ""
+    model.config.layer(layer)
+    images, labels, _ = generate_batch(train_seeds(args.n, start=args.start))
+    prototypes = build_prototypes(model, preprocess(images).numpy(), layer, args.k, labels=labels, seed=args.seed)
+    path = prototype_file(folder, layer)
+    prototypes.save(path)
+    classes = ", ".join(
+        f"{label} {int((prototypes.classes == c).sum() - prototypes.context[prototypes.classes == c].sum())}"
+        f"+{int(prototypes.context[prototypes.classes == c].sum())}"
+        for c, label in enumerate(model.config.labels)
+    )
+    print(f"wrote {len(prototypes.prototypes)} prototypes (class+context per class: {classes}) to {path} ({path.stat().st_size} bytes)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     from saliency_service.config import EMBEDDED_REPOSITORY
 
@@ -125,6 +153,16 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--n", type=int, default=1000, help="held-out images")
     report.add_argument("--seed-offset", type=int, default=0, help="added to the first held-out seed")
     report.set_defaults(run=_shapes_eval)
+
+    lp_cam = commands.add_parser("lp-cam-prototypes", help="build LP-CAM's class and context prototypes for a model (shapes)")
+    lp_cam.add_argument("--model-repository", type=Path, default=EMBEDDED_REPOSITORY)
+    lp_cam.add_argument("--model", default="shapes", help="the model (its images come from the shapes generator)")
+    lp_cam.add_argument("--layer", default="", help="a declared layer (default: the model's last)")
+    lp_cam.add_argument("--n", type=int, default=600, help="training images generated (seeded)")
+    lp_cam.add_argument("--start", type=int, default=0, help="index of the first training seed")
+    lp_cam.add_argument("--k", type=int, default=12, help="k-means centres per class and pool")
+    lp_cam.add_argument("--seed", type=int, default=0, help="k-means seed")
+    lp_cam.set_defaults(run=_lp_cam_prototypes)
     return root
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from saliency_service.core.methods import METHODS, MethodInput
+from saliency_service.core.methods.lp_cam import build_prototypes, prototype_file
 from saliency_service.core.models.model import LoadedModel
 from saliency_service.core.params import resolve_params
 
@@ -49,9 +50,22 @@ def _hooks(model: LoadedModel) -> dict[tuple[str, str], list[int]]:
     }
 
 
+def _ensure_lp_cam_prototypes(model: LoadedModel) -> None:
+    """LP-CAM reads prototypes built once per model: build them for the tiny CNN's default layer from seeded random images."""
+    layer = model.config.default_layer
+    assert model.folder is not None and layer is not None
+    if not prototype_file(model.folder, layer).is_file():
+        spec = model.config.input
+        images = np.random.default_rng(3).standard_normal((24, 3, spec.height, spec.width)).astype(np.float32)
+        labels = np.arange(24) % model.config.num_classes
+        build_prototypes(model, images, layer, k=3, labels=labels).save(prototype_file(model.folder, layer))
+
+
 @pytest.mark.parametrize("method", METHODS.names())
 def test_method_contract(method: str, tiny_cnn) -> None:
     model = tiny_cnn.model
+    if method == "lp_cam":
+        _ensure_lp_cam_prototypes(model)
     spec = model.config.input
     x = np.random.default_rng(11).standard_normal((3, 3, spec.height, spec.width)).astype(np.float32)
     targets = np.array([0, 2, 3], dtype=np.int64)
