@@ -288,6 +288,26 @@ CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.Sta
         INVALID,
         "BASELINE_NOT_USED",
     ),
+    "baselines for two images with three": (
+        lambda s: s.Explain(
+            pb.ExplainRequest(
+                model="shapes",
+                method="integrated_gradients",
+                params=_params(baseline="supplied"),
+                baselines=[_tensor(GOOD), _tensor(GOOD)],
+                images=[_tensor(GOOD)] * 3,
+            )
+        ),
+        INVALID,
+        "BASELINE_COUNT_MISMATCH",
+    ),
+    "supplied baseline missing": (
+        lambda s: s.Explain(
+            pb.ExplainRequest(model="shapes", method="integrated_gradients", params=_params(baseline="supplied"), images=[_tensor(GOOD)])
+        ),
+        INVALID,
+        "BASELINE_MISSING",
+    ),
     "empty baseline": (
         lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", baselines=[pb.Image()], images=[_tensor(GOOD)])),
         INVALID,

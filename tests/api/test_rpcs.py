@@ -11,9 +11,16 @@ import pytest
 from PIL import Image
 
 from saliency_client import AsyncSaliencyClient, SaliencyClient
+from saliency_service.core.methods import METHODS
 from saliency_service.shapes.generator import LABELS, Sample
 
 FIRST_METHODS = ("grad_cam", "eigen_cam", "integrated_gradients", "saliency")
+# Cheaper settings for the costly methods, so every method runs through the RPC in seconds.
+LIGHT: dict[str, dict[str, object]] = {
+    "rise": {"masks": 256},
+    "integrated_gradients": {"steps": 16},
+    "occlusion": {"window": 32, "stride": 32},
+}
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -56,10 +63,10 @@ def test_list_methods_publishes_every_parameter(client: SaliencyClient) -> None:
         assert info.description, f"{info.name} has no description"
 
 
-@pytest.mark.parametrize("method", FIRST_METHODS)
+@pytest.mark.parametrize("method", METHODS.names())
 def test_explain_each_method(client: SaliencyClient, samples: list[Sample], method: str) -> None:
     sample = samples[1]
-    (explanation,) = client.explain("shapes", [sample.image], method=method, seed=3)
+    (explanation,) = client.explain("shapes", [sample.image], method=method, seed=3, params=LIGHT.get(method))
     assert explanation.saliency.shape == (128, 128)
     assert explanation.saliency.dtype == np.float32
     assert np.isfinite(explanation.saliency).all()
@@ -70,8 +77,7 @@ def test_explain_each_method(client: SaliencyClient, samples: list[Sample], meth
     assert (provenance.model, provenance.method, provenance.seed) == ("shapes", method, 3)
     assert provenance.model_version
     assert "attribute" in provenance.timings_ms
-    if method in ("grad_cam", "eigen_cam"):
-        assert provenance.layer
+    assert bool(provenance.layer) == METHODS.get(method).uses_layer
 
 
 def test_map_comes_back_at_the_input_images_resolution(client: SaliencyClient, image: np.ndarray) -> None:
@@ -182,3 +188,14 @@ def test_explain_with_a_foil_and_several_layers(client: SaliencyClient, samples:
     catalog = client.list_methods()
     flags = {m.name: (m.contrastive, m.multi_layer) for m in catalog.methods}
     assert flags["grad_cam"] == (True, False) and flags["eigen_cam"] == (False, False)
+
+
+def test_integrated_gradients_from_a_supplied_baseline(client: SaliencyClient, samples: list[Sample]) -> None:
+    sample, other = samples[2], samples[3]
+    params = {"baseline": "supplied", "steps": 16}
+    # From the image itself the path is empty: the map is zero everywhere.
+    (same,) = client.explain("shapes", [sample.image], method="integrated_gradients", params=params, baselines=[sample.image])
+    assert np.abs(same.saliency).max() == 0
+    # One baseline serves a batch; the map sums to about logit(x) - logit(baseline) (completeness).
+    pair = client.explain("shapes", [sample.image, other.image], method="integrated_gradients", params=params, baselines=[other.image])
+    assert np.abs(pair[0].saliency).max() > 0 and np.abs(pair[1].saliency).max() == 0
