@@ -3,13 +3,16 @@
 The reference below builds every conv / pooling / dense layer of a small residual CNN as an explicit
 matrix (by probing the layer with basis images), folds BatchNorm by hand, and applies each LRP rule as
 written in the table of METHODS.md §6 with contribution matrices C[j, i] = x_i w_ij. The fast path runs
-the torch.export program through the rule interpreter.
+the torch.export program through the rule interpreter. The reference net has a BatchNorm after a ReLU
+(nothing to fold into: relevance passes through it, as Zennit's BatchNorm -> Pass) besides two folded ones.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.methods import METHODS, MethodInput
 from saliency_service.core.methods.lrp import COMPOSITES, GUIDED_BACKPROP, composite_rules, input_relevance
 from saliency_service.core.methods.rules import zbox_bounds
+from saliency_service.core.methods.salient_relevance import context_aware_saliency
 from saliency_service.core.models.export import export_model
 from saliency_service.core.models.model import LoadedModel, RuntimeOptions
 from saliency_service.core.params import resolve_params
@@ -28,19 +32,25 @@ torch.set_num_threads(1)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-SIZE = (6, 6)
+SIZE = (12, 16)
+POOLED = (6, 8)
 
 
 class RefNet(nn.Module):
-    """conv-BN-ReLU, a residual block (conv-ReLU-conv-BN, + skip, ReLU), 2x2 max pool, global average pool, dense head."""
+    """conv-BN-ReLU, a residual block (conv-ReLU-BN-conv-BN, + skip, ReLU), 2x2 max pool, global average pool, dense head.
 
-    def __init__(self, bias: bool = True, bn: bool = True) -> None:
+    bn1 and bn3 follow a conv (folded); bn2 follows a ReLU, so there is nothing to fold it into (Pass).
+    """
+
+    def __init__(self, bias: bool = True, bn: bool = True, residual: bool = True) -> None:
         super().__init__()
+        self.residual = residual
         self.c1 = nn.Conv2d(3, 4, 3, padding=1, bias=bias)
         self.bn1: nn.Module = nn.BatchNorm2d(4) if bn else nn.Identity()
         self.act1 = nn.ReLU()
         self.c2 = nn.Conv2d(4, 4, 3, padding=1, bias=bias)
         self.act2 = nn.ReLU()
+        self.bn2: nn.Module = nn.BatchNorm2d(4) if bn else nn.Identity()
         self.c3 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
         self.bn3: nn.Module = nn.BatchNorm2d(4) if bn else nn.Identity()
         self.act3 = nn.ReLU()
@@ -50,7 +60,8 @@ class RefNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act1(self.bn1(self.c1(x)))
-        h = self.act3(h + self.bn3(self.c3(self.act2(self.c2(h)))))
+        branch = self.bn3(self.c3(self.bn2(self.act2(self.c2(h)))))
+        h = self.act3(h + branch if self.residual else branch)
         return self.fc(self.gap(self.pool(h)).flatten(1))
 
 
@@ -98,8 +109,14 @@ def ref_net(repo: Path) -> tuple[RefNet, LoadedModel]:
 
 @pytest.fixture(scope="module")
 def bias_free_net(repo: Path) -> tuple[RefNet, LoadedModel]:
-    net = _randomise(RefNet(bias=False, bn=False), 4)
+    net = _randomise(RefNet(bias=False, bn=False, residual=False), 4)
     return net, _export(net, repo, "bias-free", SIZE, "act3")
+
+
+@pytest.fixture(scope="module")
+def bias_free_residual_net(repo: Path) -> tuple[RefNet, LoadedModel]:
+    net = _randomise(RefNet(bias=False, bn=False), 4)
+    return net, _export(net, repo, "bias-free-residual", SIZE, "act3")
 
 
 def _inputs(count: int, seed: int) -> torch.Tensor:
@@ -143,7 +160,7 @@ def _conv_matrices(conv: nn.Conv2d, bn: nn.Module, in_shape: tuple[int, ...]) ->
     return matrix, np.repeat(bias.numpy(), hw), ones
 
 
-def _rule(kind: str, x: np.ndarray, w: np.ndarray, b: np.ndarray, r: np.ndarray, ones: np.ndarray | None = None, **k: float) -> np.ndarray:
+def _rule(kind: str, x: np.ndarray, w: np.ndarray, b: np.ndarray, r: np.ndarray, ones: np.ndarray | None = None, **k: Any) -> np.ndarray:
     """Relevance at the input of z = w x + b for upper relevance r (METHODS.md §6 table), with C[j, i] = x_i w_ij."""
     eps = k.get("eps", 1e-6)
     wp, wn, xp, xn, bp, bn_ = np.maximum(w, 0), np.minimum(w, 0), np.maximum(x, 0), np.minimum(x, 0), np.maximum(b, 0), np.minimum(b, 0)
@@ -173,6 +190,7 @@ def _rule(kind: str, x: np.ndarray, w: np.ndarray, b: np.ndarray, r: np.ndarray,
 
 
 _COMPOSITE_RULES = {
+    "notebook": ("epsilon", "epsilon"),
     "epsilon_plus": ("zplus", "zplus"),
     "epsilon_plus_flat": ("flat", "zplus"),
     "epsilon_gamma_box": ("zbox", "gamma"),
@@ -180,9 +198,11 @@ _COMPOSITE_RULES = {
 }
 
 
-def reference_lrp(net: RefNet, x: np.ndarray, seed: np.ndarray, composite: str | None, residual_epsilon: float = 1e-6) -> np.ndarray:
+def reference_lrp(net: RefNet, x: np.ndarray, seed: np.ndarray, composite: str | None) -> np.ndarray:
     """Per-item LRP through RefNet by explicit matrices; composite None runs Guided Backprop (seed is the gradient)."""
     first, conv = _COMPOSITE_RULES[composite] if composite else ("", "")
+    # The SR notebooks: LRP-0 (stabiliser 1e-9) on convs, z+ with no bias on dense layers.
+    eps = 1e-9 if composite == "notebook" else 1e-6
     m1, b1, ones1 = _conv_matrices(net.c1, net.bn1, (3, *SIZE))
     m2, b2, _ = _conv_matrices(net.c2, nn.Identity(), (4, *SIZE))
     m3, b3, _ = _conv_matrices(net.c3, net.bn3, (4, *SIZE))
@@ -193,24 +213,34 @@ def reference_lrp(net: RefNet, x: np.ndarray, seed: np.ndarray, composite: str |
     a1 = np.maximum(z1, 0)
     z2 = m2 @ a1 + b2
     a2 = np.maximum(z2, 0)
+    if isinstance(net.bn2, nn.BatchNorm2d):
+        bn2 = net.bn2
+        scale = (bn2.weight / torch.sqrt(bn2.running_var + bn2.eps)).detach().double().numpy()
+        shift = bn2.bias.detach().double().numpy() - bn2.running_mean.double().numpy() * scale
+        bn2_scale, bn2_shift = np.repeat(scale, SIZE[0] * SIZE[1]), np.repeat(shift, SIZE[0] * SIZE[1])
+    else:
+        bn2_scale, bn2_shift = np.ones_like(a2), np.zeros_like(a2)
+    a2 = bn2_scale * a2 + bn2_shift  # relevance passes through this BatchNorm unchanged
     z3 = m3 @ a2 + b3
     s = a1 + z3
     a3 = np.maximum(s, 0).reshape(4, *SIZE)
     # 2x2 max pool: the winner of each window, by explicit loops.
-    winners = np.zeros((4, 3, 3), dtype=np.int64)
-    a4 = np.zeros((4, 3, 3))
+    winners = np.zeros((4, *POOLED), dtype=np.int64)
+    a4 = np.zeros((4, *POOLED))
     for ch in range(4):
-        for i in range(3):
-            for j in range(3):
+        for i in range(POOLED[0]):
+            for j in range(POOLED[1]):
                 window = a3[ch, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2]
                 di, dj = np.unravel_index(int(np.argmax(window)), (2, 2))
                 winners[ch, i, j] = np.ravel_multi_index((ch, 2 * i + di, 2 * j + dj), a3.shape)
                 a4[ch, i, j] = window[di, dj]
-    gap = np.kron(np.eye(4), np.full((1, 9), 1 / 9))
+    cells = POOLED[0] * POOLED[1]
+    gap = np.kron(np.eye(4), np.full((1, cells), 1 / cells))
     a5 = gap @ a4.ravel()
     y = fc_w @ a5 + fc_b
 
     if composite is None:
+
         def relu_back(g: np.ndarray, pre: np.ndarray) -> np.ndarray:
             return np.maximum(g, 0) * (pre > 0)
 
@@ -219,21 +249,24 @@ def reference_lrp(net: RefNet, x: np.ndarray, seed: np.ndarray, composite: str |
         g3 = np.zeros(a3.size)
         np.add.at(g3, winners.ravel(), g4)
         gs = relu_back(g3, s)
-        g2 = relu_back(m3.T @ gs, z2)
+        g2 = relu_back(bn2_scale * (m3.T @ gs), z2)
         g1 = relu_back(gs + m2.T @ g2, z1)
         return m1.T @ g1
 
     low, high = (np.repeat(np.asarray(v), SIZE[0] * SIZE[1]) for v in zbox_bounds(MEAN, STD))
     r6 = seed * y
-    r5 = _rule("epsilon", a5, fc_w, fc_b, r6)
-    r4 = _rule("epsilon", a4.ravel(), gap, np.zeros(4), r5)  # Norm: epsilon rule without bias on the pooling matrix
+    if composite == "notebook":
+        r5 = _rule("zplus", a5, fc_w, np.zeros(3), r6, eps=eps)
+    else:
+        r5 = _rule("epsilon", a5, fc_w, fc_b, r6)
+    r4 = _rule("epsilon", a4.ravel(), gap, np.zeros(4), r5, eps=eps)  # Norm: epsilon rule without bias on the pooling matrix
     r3 = np.zeros(a3.size)
     np.add.at(r3, winners.ravel(), r4)
-    share = r3 / _stab(s, residual_epsilon)  # ReLU passes; the sum splits by signed share
+    share = r3 / _stab(s, eps)  # ReLU passes; the sum splits by signed share
     r_skip, r_branch = a1 * share, z3 * share
-    r2 = _rule(conv, a2, m3, b3, r_branch)
-    r1 = r_skip + _rule(conv, a1, m2, b2, r2)
-    return _rule(first, a0, m1, b1, r1, ones1, low=low, high=high)
+    r2 = _rule(conv, a2, m3, b3, r_branch, eps=eps)
+    r1 = r_skip + _rule(conv, a1, m2, b2, r2, eps=eps)
+    return _rule(first, a0, m1, b1, r1, ones1, low=low, high=high, eps=eps)
 
 
 # ---- tests ----
@@ -258,6 +291,8 @@ def test_conservation_on_bias_free_relu_net(composite: str, bias_free_net: tuple
 
     alpha2beta1 is left out: a unit whose contributions all have one sign sends alpha R (or -beta R) down,
     not R, so that rule does not conserve on a general net (Zennit's does not either); the reference test covers it.
+    The net has no residual join: there a branch unit may carry relevance while all its contributions are
+    negative, which z+ cannot pass on (see the residual test below).
     """
     net, model = bias_free_net
     x = _inputs(4, 1)
@@ -267,6 +302,21 @@ def test_conservation_on_bias_free_relu_net(composite: str, bias_free_net: tuple
         objective = (net(x) * weights).sum(1)
     relevance = input_relevance(model, x, weights, composite_rules(composite, model), times_logits=True)
     np.testing.assert_allclose(relevance.sum((1, 2, 3)).numpy(), objective.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_residual_split_conserves(bias_free_residual_net: tuple[RefNet, LoadedModel]) -> None:
+    """The join h + branch splits relevance by signed share; with gamma convs (which pass on negative units) and a z-box
+    first layer, the whole residual net conserves the objective."""
+    net, model = bias_free_residual_net
+    x = _inputs(4, 1)
+    weights = _objective([0, 1, 2, 1], None)
+    with torch.no_grad():
+        objective = (net(x) * weights).sum(1)
+    relevance = input_relevance(model, x, weights, composite_rules("epsilon_gamma_box", model), times_logits=True)
+    np.testing.assert_allclose(relevance.sum((1, 2, 3)).numpy(), objective.numpy(), rtol=1e-4, atol=1e-6)
+    # And the split itself against the reference (which computes a1 R / s(a1 + z3) and z3 R / s(a1 + z3) explicitly).
+    ref = reference_lrp(net, x[0].numpy(), weights[0].double().numpy(), "epsilon_gamma_box")
+    np.testing.assert_allclose(relevance[0].ravel().numpy(), ref, rtol=1e-3, atol=1e-5 * np.abs(ref).max())
 
 
 def test_epsilon_absorbs_exactly_what_the_rule_says(bias_free_net: tuple[RefNet, LoadedModel]) -> None:
@@ -329,8 +379,7 @@ def test_zplus_and_alpha_beta_by_hand(two_layer: LoadedModel) -> None:
 
 def test_batchnorm_merge_equals_hand_folded_net(ref_net: tuple[RefNet, LoadedModel], repo: Path) -> None:
     net, model = ref_net
-    folded = RefNet(bn=False)
-    folded.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith(("bn1", "bn3"))}, strict=False)
+    folded = copy.deepcopy(net)
     with torch.no_grad():
         for conv, bn in ((folded.c1, net.bn1), (folded.c3, net.bn3)):
             assert isinstance(bn, nn.BatchNorm2d)
@@ -338,6 +387,7 @@ def test_batchnorm_merge_equals_hand_folded_net(ref_net: tuple[RefNet, LoadedMod
             conv.weight.mul_(scale[:, None, None, None])
             bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
             conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+    folded.bn1, folded.bn3 = nn.Identity(), nn.Identity()
     by_hand = _export(folded, repo, "folded", SIZE, "act3")
     x = _inputs(2, 5)
     weights = _objective([2, 0], None)
@@ -345,22 +395,6 @@ def test_batchnorm_merge_equals_hand_folded_net(ref_net: tuple[RefNet, LoadedMod
         merged = input_relevance(model, x, weights, composite_rules(composite, model), times_logits=True)
         expected = input_relevance(by_hand, x, weights, composite_rules(composite, by_hand), times_logits=True)
         np.testing.assert_allclose(merged.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
-
-
-def test_batchnorm_without_linear_op_passes_relevance(repo: Path) -> None:
-    """A BatchNorm on the input (nothing to fold into) passes relevance through, as Zennit's BatchNorm -> Pass."""
-    body = _randomise(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)), 6)
-    norm = _randomise(nn.BatchNorm2d(3), 7)
-    with_bn = _export(nn.Sequential(norm, body), repo, "bn-first", SIZE, "1.1")
-    without = _export(body, repo, "bn-free", SIZE, "1")
-    x = _inputs(2, 6)
-    weights = _objective([1, 2], None)
-    rules = composite_rules("epsilon_plus", with_bn)
-    with torch.no_grad():
-        normalised = norm(x)
-    np.testing.assert_allclose(
-        input_relevance(with_bn, x, weights, rules, True).numpy(), input_relevance(without, normalised, weights, rules, True).numpy(), rtol=1e-4, atol=1e-6
-    )
 
 
 def test_guided_backprop_matches_hand_reference(ref_net: tuple[RefNet, LoadedModel]) -> None:
@@ -418,3 +452,118 @@ def test_unknown_composite_is_invalid_argument(ref_net: tuple[RefNet, LoadedMode
         composite_rules("epsilon_minus", ref_net[1])
     with pytest.raises(InvalidArgument):
         resolve_params(METHODS.get("lrp").params, {"composite": "nope"}, "lrp")
+
+
+# ---- Salient Relevance (METHODS.md §4) ----
+
+
+def _slow_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB (D65) -> CIE L*a*b*, pixel by pixel."""
+    out = np.zeros_like(rgb)
+    matrix = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]])
+    white = np.array([0.95047, 1.0, 1.08883])
+    for i in range(rgb.shape[1]):
+        for j in range(rgb.shape[2]):
+            c = rgb[:, i, j]
+            linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+            t = matrix @ linear / white
+            f = np.where(t > (6 / 29) ** 3, np.cbrt(t), t / (3 * (6 / 29) ** 2) + 4 / 29)
+            out[:, i, j] = (116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2]))
+    return out
+
+
+def _torch_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    if image.shape[-2:] == (height, width):
+        return image
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    return nn.functional.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)[0].double().numpy()
+
+
+def _slow_patches(image: np.ndarray, side: int) -> tuple[list[np.ndarray], list[np.ndarray], tuple[int, int]]:
+    stride = max(1, side // 2)
+    height, width = image.shape[1:]
+    rows, cols = (height - side) // stride + 1, (width - side) // stride + 1
+    patches, centres = [], []
+    for i in range(rows):
+        for j in range(cols):
+            patches.append(image[:, i * stride : i * stride + side, j * stride : j * stride + side].ravel())
+            centres.append(np.array([i * stride + (side - 1) / 2, j * stride + (side - 1) / 2]) / max(height, width))
+    return patches, centres, (rows, cols)
+
+
+def slow_context_aware(rgb: np.ndarray, max_side: int) -> np.ndarray:
+    """Goferman et al.'s CA saliency as listed in METHODS.md §4, with loops over patch pairs and a brute-force distance map."""
+    height, width = rgb.shape[1:]
+    factor = min(1.0, max_side / max(height, width))
+    h, w = round(height * factor), round(width * factor)
+    lab = _slow_lab(np.clip(_torch_resize(rgb, h, w), 0, 1))
+    for ch in range(3):
+        span = lab[ch].max() - lab[ch].min()
+        lab[ch] = (lab[ch] - lab[ch].min()) / span if span > 0 else 0.0
+
+    def scaled(scale: float, side: int) -> np.ndarray:
+        return _torch_resize(lab, max(side, round(h * scale)), max(side, round(w * scale)))
+
+    maps = []
+    for scale, side in ((1.0, 7), (0.8, 5), (0.5, 3), (0.3, 3)):
+        query, query_pos, grid = _slow_patches(scaled(scale, side), side)
+        pool, pool_pos = list(query), list(query_pos)
+        for sub in (scale / 2, scale / 4):
+            if sub >= 0.2 - 1e-9:
+                more, more_pos, _ = _slow_patches(scaled(sub, side), side)
+                pool += more
+                pool_pos += more_pos
+        if len(pool) < 2:
+            continue  # too small at this scale: no patch to compare with
+        values = np.zeros(len(query))
+        for i, (patch, centre) in enumerate(zip(query, query_pos, strict=True)):
+            d = [
+                np.linalg.norm(patch - other) / (1 + 3 * np.linalg.norm(centre - other_pos))
+                for k, (other, other_pos) in enumerate(zip(pool, pool_pos, strict=True))
+                if k != i
+            ]
+            values[i] = np.mean(sorted(d)[: min(64, len(d))])
+        grid_map = (1 - np.exp(-(49 / side**2) * values)).reshape(grid)
+        maps.append(_torch_resize(grid_map[None], h, w)[0])
+    if not maps:
+        return np.zeros((height, width))
+    mean = np.mean(maps, axis=0)
+    if mean.max() <= 0:
+        return np.zeros((height, width))
+    attended = np.argwhere(mean > 0.8 * mean.max())
+    distance = np.array([[np.sqrt(((attended - (i, j)) ** 2).sum(1)).min() for j in range(w)] for i in range(h)])
+    distance = distance / distance.max() if distance.max() > 0 else distance
+    return _torch_resize((mean * (1 - distance))[None], height, width)[0]
+
+
+def test_context_aware_saliency_matches_slow_reference() -> None:
+    rng = np.random.default_rng(12)
+    rgb = np.zeros((3, 30, 40))
+    rgb[:, 6:16, 8:20] = rng.random((3, 1, 1))  # a distinctive block on a noisy background
+    rgb += 0.2 * rng.random(rgb.shape)
+    rgb = np.clip(rgb, 0, 1)
+    for side in (40, 24):
+        fast = context_aware_saliency(torch.from_numpy(rgb).float(), side).numpy()
+        slow = slow_context_aware(rgb, side)
+        np.testing.assert_allclose(fast, slow, atol=2e-5, err_msg=f"max_side={side}")
+    # The distinctive block is the most salient part.
+    fast = context_aware_saliency(torch.from_numpy(rgb).float(), 40).numpy()
+    assert fast[6:16, 8:20].mean() > 2 * fast[20:, 28:].mean()
+
+
+def test_salient_relevance_is_ca_saliency_of_notebook_lrp(ref_net: tuple[RefNet, LoadedModel]) -> None:
+    net, model = ref_net
+    x = _inputs(2, 13)
+    targets = np.array([0, 2])
+    method = METHODS.get("salient_relevance")
+    request = MethodInput(
+        model=model, x=x.numpy(), targets=targets, params=resolve_params(method.params, {}, method.name), layer=None, seed=0
+    )
+    maps = method().attribute(request)
+    for item in range(2):
+        relevance = reference_lrp(net, x[item].numpy(), np.eye(3)[targets[item]], "notebook").reshape(3, *SIZE)
+        image = np.abs(relevance)
+        image = (image - image.min()) / (image.max() - image.min())
+        expected = slow_context_aware(image, 250)
+        assert expected.max() > 0
+        np.testing.assert_allclose(maps[item], expected, atol=1e-4)

@@ -110,9 +110,7 @@ LRP_PARAMS = (
 
 def rules_from_params(params: Mapping[str, ParamValue], model: LoadedModel) -> RuleSet:
     """The RuleSet named by validated LRP_PARAMS values."""
-    return composite_rules(
-        str(params["composite"]), model, float(params["epsilon"]), float(params["gamma"]), float(params["stabilizer"])
-    )
+    return composite_rules(str(params["composite"]), model, float(params["epsilon"]), float(params["gamma"]), float(params["stabilizer"]))
 
 
 @METHODS.register("lrp")

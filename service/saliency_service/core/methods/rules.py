@@ -254,7 +254,12 @@ class _GuidedReluFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (x > 0).to(grad.dtype)
+        guided: torch.Tensor = grad.clamp(min=0) * (x > 0).to(grad.dtype)
+        return guided
+
+
+def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
+    return function.apply(*args)  # type: ignore[no-untyped-call]
 
 
 # ---- planning: which node gets which treatment ----
@@ -451,23 +456,23 @@ class RuleInterpreter(fx.Interpreter):
                 return self._elementwise(_PassFunction, target, args, kwargs)
             if n in plan.norm:
                 rest = args[1:]
-                return _NormFunction.apply(args[0], lambda t: target(t, *rest, **kwargs), self.rules.norm_stabilizer)
+                return _apply(_NormFunction, args[0], lambda t: target(t, *rest, **kwargs), self.rules.norm_stabilizer)
             if n in plan.split_add:
                 a, b = args
                 if a.shape != b.shape:
                     return target(*args, **kwargs)
-                return _SplitAddFunction.apply(a, b, self.rules.norm_stabilizer)
-            return _GuidedReluFunction.apply(args[0])
+                return _apply(_SplitAddFunction, a, b, self.rules.norm_stabilizer)
+            return _apply(_GuidedReluFunction, args[0])
 
     @staticmethod
     def _elementwise(function: Any, target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         if target == _aten._native_batch_norm_legit_no_training.default:
             rest = args[1:]
-            out = function.apply(args[0], lambda t: target(t, *rest, **kwargs)[0])
+            out = _apply(function, args[0], lambda t: target(t, *rest, **kwargs)[0])
             empty = out.new_zeros(0)
             return (out, empty, empty)
         rest = args[1:]
-        return function.apply(args[0], lambda t: target(t, *rest, **kwargs))
+        return _apply(function, args[0], lambda t: target(t, *rest, **kwargs))
 
     def _linear(self, n: fx.Node, spec: _LinearSpec, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
         target: Any = n.target
@@ -497,7 +502,7 @@ class RuleInterpreter(fx.Interpreter):
             return result
 
         layer = _Layer(call, weight, bias, spec.rule)
-        output: torch.Tensor = _LinearRuleFunction.apply(args[spec.input_index], layer)
+        output: torch.Tensor = _apply(_LinearRuleFunction, args[spec.input_index], layer)
         return output
 
 
