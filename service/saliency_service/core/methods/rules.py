@@ -46,7 +46,11 @@ _ELEMENTWISE_ACTIVATIONS = {
     _aten.relu.default,
     _aten.relu_.default,
     _aten.leaky_relu.default,
+    _aten.leaky_relu_.default,
     _aten.elu.default,
+    _aten.elu_.default,
+    _aten.silu_.default,
+    _aten.hardtanh_.default,
     _aten.gelu.default,
     _aten.sigmoid.default,
     _aten.silu.default,
@@ -71,7 +75,17 @@ _POOLS = {
     _aten.mean.dim,
     _aten.sum.dim_IntList,
 }
-_ADDS = {_aten.add.Tensor}
+_ADDS = {_aten.add.Tensor, _aten.add_.Tensor}
+# In-place variants (nn.ReLU(inplace=True), `out += identity`) run out of place under a rule: the rule
+# Functions keep their inputs for the backward pass, which an in-place update would overwrite.
+_OUT_OF_PLACE: dict[Any, Any] = {
+    _aten.relu_.default: _aten.relu.default,
+    _aten.add_.Tensor: _aten.add.Tensor,
+    _aten.hardtanh_.default: _aten.hardtanh.default,
+    _aten.leaky_relu_.default: _aten.leaky_relu.default,
+    _aten.elu_.default: _aten.elu.default,
+    _aten.silu_.default: _aten.silu.default,
+}
 _BATCH_NORMS: set[Any] = {_aten.batch_norm.default, _aten._native_batch_norm_legit_no_training.default}
 
 
@@ -443,7 +457,7 @@ class RuleInterpreter(fx.Interpreter):
             return super().run_node(n)
         with self._set_current_node(n):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            target: Any = n.target
+            target: Any = _OUT_OF_PLACE.get(n.target, n.target)
             if n in plan.linear:
                 return self._linear(n, plan.linear[n], args, kwargs)
             if n in plan.folded:
