@@ -22,7 +22,7 @@ from torch import nn
 from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.methods import METHODS, MethodInput
 from saliency_service.core.methods.lrp import COMPOSITES, GUIDED_BACKPROP, composite_rules, input_relevance
-from saliency_service.core.methods.rules import zbox_bounds
+from saliency_service.core.methods.rules import plan_for, zbox_bounds
 from saliency_service.core.methods.salient_relevance import context_aware_saliency
 from saliency_service.core.models.export import export_model
 from saliency_service.core.models.model import LoadedModel, RuntimeOptions
@@ -446,6 +446,13 @@ def test_ops_without_rules_fall_back_to_the_gradient(repo: Path) -> None:
     for composite in COMPOSITES:
         relevance = input_relevance(model, x, _objective([0, 1], None), composite_rules(composite, model), True)
         assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
+    plan = plan_for(model.program.module, composite_rules("epsilon_plus", model))
+    ruled = {str(node.target) for node in (*plan.linear, *plan.passed, *plan.norm, *plan.split_add)}
+    # Rules for the embedding conv, the dense layers on tokens, GELU (Pass, as Zennit), the token mean and the residual sums;
+    # layer norm, softmax and the attention products keep their plain gradient.
+    assert {"aten.conv2d.default", "aten.linear.default", "aten.gelu.default", "aten.mean.dim", "aten.add.Tensor"} <= ruled
+    assert not any(name in op for op in ruled for name in ("layer_norm", "softmax", "matmul", "bmm"))
+    assert not plan.folded
 
 
 def test_unknown_composite_is_invalid_argument(ref_net: tuple[RefNet, LoadedModel]) -> None:

@@ -358,7 +358,7 @@ def _batch_norm_user(node: fx.Node, order: dict[fx.Node, int], probes: set[fx.No
     """
     current = node
     while True:
-        users = [user for user in current.users if user.op != "output"] if current is not node else list(current.users)
+        users = [user for user in current.users if user.op != "output"]
         if len(users) != 1:
             return None
         user = users[0]
@@ -374,6 +374,24 @@ def _batch_norm_user(node: fx.Node, order: dict[fx.Node, int], probes: set[fx.No
     if any(isinstance(a, fx.Node) and order[a] > order[node] for a in bn.args[1:]):
         return None
     return bn
+
+
+def _ndim(node: fx.Node) -> int:
+    value = node.meta.get("val")
+    return int(value.ndim) if isinstance(value, torch.Tensor) else -1
+
+
+def _check_box_input(node: Any, rule: LinearRule) -> None:
+    """The z-box bounds are per image channel: the first conv must read a tensor with that many channels."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    channels = int(value.shape[1]) if isinstance(value, torch.Tensor) and value.ndim > 1 else -1
+    if channels != len(rule.low):
+        raise InvalidArgument(
+            "COMPOSITE_NOT_APPLICABLE",
+            f"the z-box rule needs the first convolution to read the {len(rule.low)}-channel image, but it reads "
+            f"{channels} channels; use a composite without z-box (e.g. epsilon_plus_flat)",
+            {"parameter": "composite"},
+        )
 
 
 def build_plan(graph: fx.Graph, rules: RuleSet) -> RulePlan:
@@ -396,9 +414,13 @@ def build_plan(graph: fx.Graph, rules: RuleSet) -> RulePlan:
             rule = rules.conv if is_conv else rules.dense
             if rules.first is not None and not seen_first and (is_conv or rules.first_kinds == "any"):
                 rule, seen_first = rules.first, True
-            assert rule is not None
-            transposed = target == _aten.convolution.default and bool(node.args[6])
-            bn = None if transposed else _batch_norm_user(node, order, set(placeholders[1:]))
+            if rule is None:
+                raise ValueError("an LRP rule set needs a rule for convolutions and for dense layers")
+            if rule.kind == "zbox":
+                _check_box_input(node.args[layout[0]], rule)
+            # BatchNorm normalises axis 1: fold only into ops whose output channels are axis 1.
+            foldable = (is_conv and not (target == _aten.convolution.default and bool(node.args[6]))) or _ndim(node) == 2
+            bn = _batch_norm_user(node, order, set(placeholders[1:])) if foldable else None
             plan.linear[node] = _LinearSpec(layout[0], layout[1], layout[2], layout[3], bn, rule)
             if bn is not None:
                 plan.folded.add(bn)
