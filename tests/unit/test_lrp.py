@@ -421,7 +421,7 @@ def test_guided_backprop_matches_captum(ref_net: tuple[RefNet, LoadedModel]) -> 
 
 
 class TinyAttention(nn.Module):
-    """Patch embedding, layer norm, softmax self-attention, GELU MLP: ops with no LRP rule of their own."""
+    """Input centring, patch embedding, layer norm, softmax self-attention, GELU MLP: ops with no LRP rule of their own."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -432,6 +432,7 @@ class TinyAttention(nn.Module):
         self.head = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean((2, 3), keepdim=True)  # centring: a statistic, not pooling
         tokens = self.embed(x).flatten(2).transpose(1, 2)
         q, k, v = self.qkv(self.norm(tokens)).chunk(3, dim=-1)
         tokens = tokens + torch.softmax(q @ k.transpose(1, 2) / 8**0.5, dim=-1) @ v
@@ -453,6 +454,8 @@ def test_ops_without_rules_fall_back_to_the_gradient(repo: Path) -> None:
     assert {"aten.conv2d.default", "aten.linear.default", "aten.gelu.default", "aten.mean.dim", "aten.add.Tensor"} <= ruled
     assert not any(name in op for op in ruled for name in ("layer_norm", "softmax", "matmul", "bmm"))
     assert not plan.folded
+    means = [node for node in model.program.module.graph.nodes if str(node.target) == "aten.mean.dim"]
+    assert [node in plan.norm for node in means] == [False, True], "the centring mean keeps its gradient, the token mean pools"
 
 
 def test_unknown_composite_is_invalid_argument(ref_net: tuple[RefNet, LoadedModel]) -> None:

@@ -14,7 +14,8 @@ Which op gets which rule is a `RulePlan`, built once per (program, rule set) fro
   and a BatchNorm without one passes relevance through (Zennit maps BatchNorm to Pass);
 * elementwise activations pass relevance through (Zennit's `Activation` -> Pass);
 * average pooling, adaptive average pooling, mean and sum reductions use the Norm rule (epsilon rule with
-  weights 1/n, no bias);
+  weights 1/n, no bias), except a mean or sum that is combined with its own input again (centring, as in
+  ``x - x.mean()``): that is a statistic and keeps its plain gradient;
 * an addition of two tensors that both depend on the input (a residual join) splits relevance in
   proportion to each operand's signed contribution (Zennit's ResNet canonizer + Norm on `Sum`);
 * everything else -- max pooling (relevance goes to the winner), reshapes, and ops with no rule such as
@@ -376,6 +377,13 @@ def _batch_norm_user(node: fx.Node, order: dict[fx.Node, int], probes: set[fx.No
     return bn
 
 
+def _is_statistic(node: fx.Node) -> bool:
+    """A mean or sum that is combined with its own input again (centring, x - x.mean()) is a statistic, not
+    pooling: it keeps its plain gradient, as it would in Zennit, where only pooling modules get the Norm rule."""
+    source = node.args[0]
+    return any(source in user.all_input_nodes for user in node.users)
+
+
 def _ndim(node: fx.Node) -> int:
     value = node.meta.get("val")
     return int(value.ndim) if isinstance(value, torch.Tensor) else -1
@@ -428,7 +436,7 @@ def build_plan(graph: fx.Graph, rules: RuleSet) -> RulePlan:
             plan.passed.add(node)
         elif target in _ELEMENTWISE_ACTIVATIONS:
             plan.passed.add(node)
-        elif target in _POOLS:
+        elif target in _POOLS and not _is_statistic(node):
             plan.norm.add(node)
         elif target in _ADDS and len(node.args) == 2 and not node.kwargs:
             a, b = node.args
