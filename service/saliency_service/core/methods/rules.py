@@ -12,7 +12,9 @@ Which op gets which rule is a `RulePlan`, built once per (program, rule set) fro
   rule; a BatchNorm whose input is such an op's only use is folded into it (Zennit's
   `SequentialMergeBatchNorm`: ``W' = W s``, ``b' = (b - mu) s + beta``, ``s = gamma / sqrt(var + eps)``),
   and a BatchNorm without one passes relevance through (Zennit maps BatchNorm to Pass);
-* elementwise activations pass relevance through (Zennit's `Activation` -> Pass);
+* elementwise activations pass relevance through (Zennit's `Activation` -> Pass; that includes GELU, SiLU,
+  Softplus and Tanh, as in Zennit);
+* in-place variants (``relu_``, ``add_``, from ``nn.ReLU(inplace=True)`` or ``out += identity``) run out of place;
 * average pooling, adaptive average pooling, mean and sum reductions use the Norm rule (epsilon rule with
   weights 1/n, no bias), except a mean or sum that is combined with its own input again (centring, as in
   ``x - x.mean()``): that is a statistic and keeps its plain gradient;
@@ -92,7 +94,7 @@ _BATCH_NORMS: set[Any] = {_aten.batch_norm.default, _aten._native_batch_norm_leg
 
 @dataclass(frozen=True)
 class LinearRule:
-    """One LRP rule for linear-type ops (METHODS.md §6 table); `epsilon` is the stabiliser for every rule but Flat's."""
+    """One LRP rule for linear-type ops (METHODS.md §6 table); `epsilon` is the epsilon rule's epsilon and every other rule's stabiliser."""
 
     kind: RuleKind
     epsilon: float = 1e-6
