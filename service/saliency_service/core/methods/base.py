@@ -66,7 +66,7 @@ class SaliencyMethod(ABC):
     """Set by the registry: the id on the wire."""
     description: ClassVar[str]
     family: ClassVar[str]
-    """"cam", "gradient" or "perturbation"."""
+    """"cam", "gradient", "perturbation" or "relevance"."""
     uses_layer: ClassVar[bool] = False
     multi_layer: ClassVar[bool] = False
     """True: the method combines several layers itself (gets `MethodInput.layers`); False: the engine
