@@ -157,13 +157,14 @@ def _bytes(quantity: str) -> float:
 
 
 def test_every_object_validates_against_the_kubernetes_schemas(built: Build) -> None:
-    validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the dev extra (pip install kubernetes-validate)")
+    validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate is in the dev extra (pip install kubernetes-validate)"
+    )
     from kubernetes_validate.utils import latest_version
 
     kinds = sorted({o["kind"] for o in built.objects})
-    assert kinds == sorted(
-        ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "ServiceMonitor"]
-    ), kinds
+    expected = ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "ServiceMonitor"]
+    assert kinds == expected, kinds
     for version in (OLDEST_KUBERNETES, latest_version()):
         for obj in built.objects:
             if (obj["apiVersion"], obj["kind"]) in CRDS:
@@ -211,11 +212,15 @@ def test_service_monitor_structure(built: Build) -> None:
     assert set(monitor) <= {"apiVersion", "kind", "metadata", "spec"}
     spec = monitor["spec"]
     # field names of the CRD's spec and endpoint (prometheus-operator, monitoring.coreos.com/v1)
-    spec_fields = {"endpoints", "selector", "namespaceSelector", "jobLabel", "targetLabels", "podTargetLabels", "sampleLimit",
-                   "targetLimit", "attachMetadata", "scrapeProtocols", "labelLimit", "labelNameLengthLimit", "labelValueLengthLimit"}
-    endpoint_fields = {"port", "targetPort", "path", "scheme", "params", "interval", "scrapeTimeout", "tlsConfig", "bearerTokenSecret",
-                       "authorization", "honorLabels", "honorTimestamps", "basicAuth", "oauth2", "metricRelabelings", "relabelings",
-                       "proxyUrl", "followRedirects", "enableHttp2", "filterRunning", "trackTimestampsStaleness"}
+    spec_fields = set(
+        "endpoints selector namespaceSelector jobLabel targetLabels podTargetLabels sampleLimit targetLimit attachMetadata"
+        " scrapeProtocols labelLimit labelNameLengthLimit labelValueLengthLimit".split()
+    )
+    endpoint_fields = set(
+        "port targetPort path scheme params interval scrapeTimeout tlsConfig bearerTokenSecret authorization honorLabels"
+        " honorTimestamps basicAuth oauth2 metricRelabelings relabelings proxyUrl followRedirects enableHttp2 filterRunning"
+        " trackTimestampsStaleness".split()
+    )
     assert set(spec) <= spec_fields, set(spec) - spec_fields
     assert spec["endpoints"], "a ServiceMonitor needs at least one endpoint"
     duration = re.compile(r"^(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?$")
@@ -321,8 +326,12 @@ def init_script() -> str:
 
 def _run_init(script: str, served: Path, store: Path) -> str:
     package_root = str(Path(saliency_service.__file__).resolve().parents[1])
-    env = {**os.environ, "SALIENCY_MODEL_REPOSITORY": str(served), "MODEL_STORE": str(store),
-           "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "SALIENCY_MODEL_REPOSITORY": str(served),
+        "MODEL_STORE": str(store),
+        "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
+    }
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -404,6 +413,6 @@ def test_dockerfiles_install_like_the_readme_and_run_as_the_pods_user(name: str)
     assert exposed == {Settings().port, Settings().metrics_port}
     if name == "Dockerfile.gpu":
         assert text.index("pip uninstall -y onnxruntime") < text.index("onnxruntime-gpu")
-        assert re.search(r'onnxruntime-gpu(\[[a-z,]+\])?==\$\{?ORT_VERSION', text), "the same onnxruntime version, GPU build"
+        assert re.search(r"onnxruntime-gpu(\[[a-z,]+\])?==\$\{?ORT_VERSION", text), "the same onnxruntime version, GPU build"
     else:
         assert "onnxruntime-gpu" not in text
