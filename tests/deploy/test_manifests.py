@@ -211,20 +211,24 @@ def test_service_monitor_structure(built: Build) -> None:
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert set(monitor) <= {"apiVersion", "kind", "metadata", "spec"}
     spec = monitor["spec"]
-    # field names of the CRD's spec and endpoint (prometheus-operator, monitoring.coreos.com/v1)
+    # field names of the CRD's spec and endpoint (prometheus-operator 0.84, monitoring.coreos.com/v1)
     spec_fields = set(
-        "endpoints selector namespaceSelector jobLabel targetLabels podTargetLabels sampleLimit targetLimit attachMetadata"
-        " scrapeProtocols labelLimit labelNameLengthLimit labelValueLengthLimit".split()
+        "attachMetadata bodySizeLimit convertClassicHistogramsToNHCB endpoints fallbackScrapeProtocol jobLabel keepDroppedTargets"
+        " labelLimit labelNameLengthLimit labelValueLengthLimit namespaceSelector nativeHistogramBucketLimit"
+        " nativeHistogramMinBucketFactor podTargetLabels sampleLimit scrapeClass scrapeClassicHistograms scrapeProtocols selector"
+        " selectorMechanism targetLabels targetLimit".split()
     )
     endpoint_fields = set(
-        "port targetPort path scheme params interval scrapeTimeout tlsConfig bearerTokenSecret authorization honorLabels"
-        " honorTimestamps basicAuth oauth2 metricRelabelings relabelings proxyUrl followRedirects enableHttp2 filterRunning"
-        " trackTimestampsStaleness".split()
+        "authorization basicAuth bearerTokenFile bearerTokenSecret enableHttp2 filterRunning followRedirects honorLabels"
+        " honorTimestamps interval metricRelabelings noProxy oauth2 params path port proxyConnectHeader proxyFromEnvironment"
+        " proxyUrl relabelings scheme scrapeTimeout targetPort tlsConfig trackTimestampsStaleness".split()
     )
+    assert {"endpoints", "selector"} <= set(spec), "the CRD requires both"
+    assert set(spec["selector"]) <= {"matchLabels", "matchExpressions"}
     assert set(spec) <= spec_fields, set(spec) - spec_fields
     assert spec["endpoints"], "a ServiceMonitor needs at least one endpoint"
-    duration = re.compile(r"^(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?$")
-    seconds = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    duration = re.compile(r"^(0|([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?)$")
+    seconds = {"y": 365 * 86400.0, "w": 7 * 86400.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
     for endpoint in spec["endpoints"]:
         assert set(endpoint) <= endpoint_fields, set(endpoint) - endpoint_fields
         assert isinstance(endpoint["port"], str) and endpoint["port"]
@@ -232,7 +236,7 @@ def test_service_monitor_structure(built: Build) -> None:
         timing = {}
         for key in ("interval", "scrapeTimeout"):
             assert duration.match(endpoint[key]), (key, endpoint[key])
-            timing[key] = sum(float(n) * seconds[u] for n, u in re.findall(r"(\d+)(ms|h|m|s)", endpoint[key]))
+            timing[key] = sum(float(n) * seconds[u] for n, u in re.findall(r"(\d+)(ms|y|w|d|h|m|s)", endpoint[key]))
         assert 0 < timing["scrapeTimeout"] <= timing["interval"]
     # it selects the Service (labels) and the Service selects the Deployment's pods
     service = built.one("Service")
