@@ -532,5 +532,8 @@ def test_dockerfiles_install_like_the_readme_and_run_as_the_pods_user(name: str)
     if name == "Dockerfile.gpu":
         assert text.index("pip uninstall -y onnxruntime") < text.index("onnxruntime-gpu")
         assert re.search(r"onnxruntime-gpu(\[[a-z,]+\])?==\$\{?ORT_VERSION", text), "the same onnxruntime version, GPU build"
+        # the pip CUDA libraries are on the loader's path, and the build fails if the CUDA provider cannot load them
+        assert "/etc/ld.so.conf.d/" in text and "ldconfig" in text
+        assert "ldd " in text and "libonnxruntime_providers_cuda.so" in text
     else:
         assert "onnxruntime-gpu" not in text
