@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml
 	# The Open Inference Protocol test drives the server with the real tritonclient; its metadata caps
 	# protobuf below 7, which the code does not need, so it is installed without its dependency list.
 	$(BIN)/pip install --quiet --no-deps tritonclient==2.73.0
+	# Debian's prometheus (the Prometheus integration test) and bubblewrap (the pod sandbox test); both tests
+	# skip, saying why, where these cannot be installed (not root, or no apt).
+	command -v prometheus >/dev/null && command -v bwrap >/dev/null || \
+	  ( [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus bubblewrap >/dev/null ) || \
+	  echo "prometheus/bubblewrap not installed: their tests will skip"
 	touch $(STAMP)
 
 # The peer-agreement tier: pytorch-grad-cam and Zennit import torchvision, whose binary must match a torch
