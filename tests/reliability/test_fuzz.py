@@ -153,7 +153,9 @@ def check(rpc: str, call: Callable[[], object]) -> None:
 names = st.one_of(st.sampled_from(["shapes"] * 8 + MODELS), st.text(max_size=40))
 floats = st.floats(allow_nan=True, allow_infinity=True)
 json_leaf = st.one_of(st.none(), st.booleans(), floats, st.integers(-(10**12), 10**12), st.text(max_size=30))
-json_value = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=8)
+json_value = st.recursive(
+    json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=8
+)
 
 
 @st.composite
@@ -302,7 +304,9 @@ def test_fuzz_verbalize(channel: grpc.Channel, values: dict[str, Any]) -> None:
 
 @st.composite
 def infer_requests(draw: st.DrawFn) -> oip.ModelInferRequest:
-    request = oip.ModelInferRequest(model_name=draw(names), model_version=draw(st.sampled_from(["", "1", "2", "x"])), id=draw(st.text(max_size=8)))
+    request = oip.ModelInferRequest(
+        model_name=draw(names), model_version=draw(st.sampled_from(["", "1", "2", "x"])), id=draw(st.text(max_size=8))
+    )
     for _ in range(draw(st.integers(0, 2))):
         shape = draw(
             st.one_of(
@@ -311,7 +315,9 @@ def infer_requests(draw: st.DrawFn) -> oip.ModelInferRequest:
             )
         )
         tensor = request.inputs.add(
-            name=draw(st.sampled_from(["input", "x", ""])), datatype=draw(st.sampled_from(["FP32", "FP16", "INT8", "BYTES", "fp32", ""])), shape=shape
+            name=draw(st.sampled_from(["input", "x", ""])),
+            datatype=draw(st.sampled_from(["FP32", "FP16", "INT8", "BYTES", "fp32", ""])),
+            shape=shape,
         )
         count = int(np.prod(shape)) if shape and all(0 <= d <= 16 for d in shape[:1]) and all(0 <= d <= 128 for d in shape) else 0
         mode = draw(st.sampled_from(["raw", "raw_wrong", "contents", "contents_wrong", "nan", "none"]))
@@ -354,14 +360,33 @@ def test_fuzz_model_infer(channel: grpc.Channel, request: oip.ModelInferRequest)
 
 
 @_settings("metadata")
-@given(st.sampled_from(["ModelReady", "ModelMetadata", "RepositoryIndex", "ServerLive", "ServerReady", "ServerMetadata", "GetModel", "ListModels", "ListMethods"]), names, st.text(max_size=6), st.booleans())
+@given(
+    st.sampled_from(
+        [
+            "ModelReady",
+            "ModelMetadata",
+            "RepositoryIndex",
+            "ServerLive",
+            "ServerReady",
+            "ServerMetadata",
+            "GetModel",
+            "ListModels",
+            "ListMethods",
+        ]
+    ),
+    names,
+    st.text(max_size=6),
+    st.booleans(),
+)
 def test_fuzz_metadata_rpcs(channel: grpc.Channel, rpc: str, name: str, version: str, ready: bool) -> None:
     inference = oip_grpc.GRPCInferenceServiceStub(channel)
     saliency = pb_grpc.SaliencyServiceStub(channel)
     calls: dict[str, Callable[[], object]] = {
         "ModelReady": lambda: inference.ModelReady(oip.ModelReadyRequest(name=name, version=version), timeout=CALL_TIMEOUT),
         "ModelMetadata": lambda: inference.ModelMetadata(oip.ModelMetadataRequest(name=name, version=version), timeout=CALL_TIMEOUT),
-        "RepositoryIndex": lambda: inference.RepositoryIndex(oip.RepositoryIndexRequest(repository_name=name, ready=ready), timeout=CALL_TIMEOUT),
+        "RepositoryIndex": lambda: inference.RepositoryIndex(
+            oip.RepositoryIndexRequest(repository_name=name, ready=ready), timeout=CALL_TIMEOUT
+        ),
         "ServerLive": lambda: inference.ServerLive(oip.ServerLiveRequest(), timeout=CALL_TIMEOUT),
         "ServerReady": lambda: inference.ServerReady(oip.ServerReadyRequest(), timeout=CALL_TIMEOUT),
         "ServerMetadata": lambda: inference.ServerMetadata(oip.ServerMetadataRequest(), timeout=CALL_TIMEOUT),

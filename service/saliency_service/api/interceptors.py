@@ -52,7 +52,7 @@ class SaliencyInterceptor(ServerInterceptor):
         async def behavior(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             # grpc answers a request it cannot parse with UNKNOWN and no ErrorInfo; parse here instead.
             try:
-                request = deserialize(raw) if deserialize is not None else raw
+                request: Any = deserialize(raw) if deserialize is not None else raw
             except Exception:
                 await context.abort_with_status(
                     to_status(InvalidArgument("MALFORMED_REQUEST", f"the request is not a valid serialized {rpc} request message"))
