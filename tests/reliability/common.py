@@ -28,6 +28,7 @@ class Summary:
 
     fuzz_codes: Counter[str] = field(default_factory=Counter)
     fuzz_by_rpc: Counter[str] = field(default_factory=Counter)
+    fuzz_reasons: Counter[str] = field(default_factory=Counter)
     fuzz_violations: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -43,10 +44,20 @@ class Summary:
             out.append(f"fuzz: {total} malformed/random requests; violations (INTERNAL/UNKNOWN/no ErrorInfo): {len(self.fuzz_violations)}")
             out.append("  by rpc:    " + ", ".join(f"{k} {v}" for k, v in sorted(self.fuzz_by_rpc.items())))
             out.append("  by status: " + ", ".join(f"{k} {v}" for k, v in self.fuzz_codes.most_common()))
+            out.append("  top reasons: " + ", ".join(f"{k} {v}" for k, v in self.fuzz_reasons.most_common(12)))
             out.extend(f"  VIOLATION {v}" for v in self.fuzz_violations[:20])
         out.extend(self.lines)
+        out.extend(COVERED_ELSEWHERE)
         return out
 
+
+COVERED_ELSEWHERE = [
+    "covered elsewhere (run by `make test`, not repeated here):",
+    "  truncated ONNX -> NOT READY, per-model health, ModelReady: tests/api/test_rpcs.py, test_oip.py, test_health_reflection_metrics.py",
+    "  workers + max_queue full -> RESOURCE_EXHAUSTED SERVER_BUSY at once; Explain deadline; compute cap: tests/api/test_limits.py",
+    "  one long request drained on SIGTERM, exit 0, health refused: tests/e2e/test_serve_process.py",
+    "  bad TLS / token settings refused at start: tests/api/test_security.py; bad input per field: tests/api/test_bad_input.py",
+]
 
 SUMMARY = Summary()
 
