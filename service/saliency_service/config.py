@@ -52,6 +52,20 @@ class Settings:
     log_format: str = "json"
     """"json" (one object per line) or "text"."""
 
+    def __post_init__(self) -> None:
+        """Refuse values the server cannot run with, naming the setting, before anything starts."""
+        for name, low, high in _RANGES:
+            value = getattr(self, name)
+            if not low <= value <= high:
+                bound = f">= {low}" if high == _NO_MAX else f"in {low}..{high}"
+                raise InvalidArgument("INVALID_SETTINGS", f"setting '{name}' must be {bound}, got {value!r}", {"setting": name})
+        if self.log_format not in ("json", "text"):
+            raise InvalidArgument("INVALID_SETTINGS", f"setting 'log_format' must be 'json' or 'text', got {self.log_format!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise InvalidArgument(
+                "INVALID_SETTINGS", f"setting 'log_level' must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {self.log_level!r}"
+            )
+
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, file: Path | None = None) -> Settings:
         """Merge the sources; later sources win: defaults < file (TOML) < environment < flags."""
@@ -71,6 +85,23 @@ class Settings:
                 values[name] = raw
         values.update({k: v for k, v in (flags or {}).items() if v is not None})
         return cls(**{name: _coerce(name, value) for name, value in values.items()})
+
+
+_NO_MAX = float("inf")
+_RANGES: tuple[tuple[str, float, float], ...] = (
+    ("port", 0, 65535),
+    ("metrics_port", 0, 65535),
+    ("workers", 1, _NO_MAX),
+    ("torch_threads", 0, _NO_MAX),
+    ("onnx_threads", 0, _NO_MAX),
+    ("onnx_max_batch", 1, _NO_MAX),
+    ("max_message_bytes", 1, _NO_MAX),
+    ("max_batch_images", 1, _NO_MAX),
+    ("max_image_pixels", 1, _NO_MAX),
+    ("grace_seconds", 0, _NO_MAX),
+    ("max_queue", 0, _NO_MAX),
+    ("max_pass_items", 0, _NO_MAX),
+)
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -59,7 +59,12 @@ def _images(messages: Sequence[pb.Image], role: str = "image") -> list[ImageInpu
 
 
 def _params(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(struct)
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError:  # a NaN or infinite number_value, which JSON (and so no parameter) can hold
+        raise InvalidArgument(
+            "INVALID_PARAMETER", "a parameter holds a NaN or infinite number; parameters must be finite numbers, strings or booleans"
+        ) from None
 
 
 def _target(message: pb.Target, present: bool) -> TargetRequest | None:

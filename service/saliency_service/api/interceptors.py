@@ -13,7 +13,7 @@ import grpc
 from grpc.aio import ServerInterceptor
 
 from saliency_service.api.errors import status_code, to_status
-from saliency_service.core.errors import Internal, PermissionDenied, ResourceExhausted, SaliencyError, Unauthenticated
+from saliency_service.core.errors import Internal, InvalidArgument, PermissionDenied, ResourceExhausted, SaliencyError, Unauthenticated
 from saliency_service.observability import metrics
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,17 @@ class SaliencyInterceptor(ServerInterceptor):
             return handler
         rpc = details.method.rsplit("/", 1)[-1]
         inner = handler.unary_unary
+        deserialize = handler.request_deserializer
         credentials = self._credentials(details)
 
-        async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def behavior(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            # grpc answers a request it cannot parse with UNKNOWN and no ErrorInfo; parse here instead.
+            try:
+                request: Any = deserialize(raw) if deserialize is not None else raw
+            except Exception:
+                await context.abort_with_status(
+                    to_status(InvalidArgument("MALFORMED_REQUEST", f"the request is not a valid serialized {rpc} request message"))
+                )
             # SaliencyService names the model `model`; the Open Inference Protocol `model_name` or `name`.
             model = getattr(request, "model", "") or getattr(request, "model_name", "") or getattr(request, "name", "") or ""
             model = model if model in self._models() else (UNKNOWN if model else "")
@@ -91,7 +99,7 @@ class SaliencyInterceptor(ServerInterceptor):
             await context.abort_with_status(to_status(failure))
 
         return grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            behavior, request_deserializer=None, response_serializer=handler.response_serializer
         )
 
     def _credentials(self, details: grpc.HandlerCallDetails) -> SaliencyError | None:

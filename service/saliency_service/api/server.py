@@ -85,12 +85,17 @@ class SaliencyServer:
             [SERVICE_NAME, OIP_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
         )
         address = f"{self.settings.host}:{self.settings.port}"
-        if self.credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, self.credentials)
+        try:
+            if self.credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, self.credentials)
+        except RuntimeError:  # grpc's "Failed to bind": a bad host, or a port in use
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
+            raise InvalidArgument(
+                "INVALID_SETTINGS", f"cannot bind {address} (settings host, port): not an address of this machine, or the port is in use"
+            )
         await server.start()
         self._server = server
         serving = health_pb2.HealthCheckResponse.SERVING
