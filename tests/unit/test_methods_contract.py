@@ -49,9 +49,11 @@ def _hooks(model: LoadedModel) -> dict[tuple[str, str], list[int]]:
     }
 
 
+@pytest.mark.parametrize("model_fixture", ["tiny_cnn", "tiny_vit"])
 @pytest.mark.parametrize("method", METHODS.names())
-def test_method_contract(method: str, tiny_cnn) -> None:
-    model = tiny_cnn.model
+def test_method_contract(method: str, model_fixture: str, request: pytest.FixtureRequest) -> None:
+    """tiny_cnn: a convolutional model; tiny_vit: a ViT whose layers are token layers (class + register prefix)."""
+    model = request.getfixturevalue(model_fixture).model
     spec = model.config.input
     x = np.random.default_rng(11).standard_normal((3, 3, spec.height, spec.width)).astype(np.float32)
     targets = np.array([0, 2, 3], dtype=np.int64)
@@ -64,7 +66,7 @@ def test_method_contract(method: str, tiny_cnn) -> None:
     assert maps.shape == (3, spec.height, spec.width)
     assert maps.dtype == np.float32
     assert np.isfinite(maps).all()
-    assert not np.all(maps == 0), "a random image on a random CNN should give some signal"
+    assert not np.all(maps == 0), "a random image on a random model should give some signal"
 
     again = instance.attribute(_request(model, method, x, targets, seed=5))
     np.testing.assert_array_equal(maps, again, err_msg="same input and seed must give the same maps")
