@@ -21,7 +21,7 @@ CNN_SIZE = (20, 28)
 LINEAR_SIZE = (9, 12)
 REGION_SIZE = (16, 16)
 # Non-square, with a register token: a swapped h/w or a wrong prefix count cannot pass unnoticed.
-VIT_CONFIG = VitConfig(height=16, width=24, patch=4, dim=16, depth=3, heads=2, mlp_ratio=2, classes=4, registers=1)
+VIT_CONFIG = VitConfig(height=16, width=24, patch=4, dim=16, depth=3, heads=2, mlp_ratio=2, classes=4, registers=1, stem="patch")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 

@@ -31,14 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saliency_service.config import EMBEDDED_REPOSITORY
 from saliency_service.core.models.export import export_model
 from saliency_service.core.models.model import LoadedModel, RuntimeOptions
+from saliency_service.core.models.torch_runner import vet_pt2_archive
 from saliency_service.shapes.evaluate import heldout_accuracy, torch_predictor
 from saliency_service.shapes.generator import IMAGE_SIZE, LABELS, generate_batch, heldout_seeds
-from saliency_service.shapes.network import MEAN, STD, preprocess
+from saliency_service.shapes.network import MEAN, STD, ShapesNet, preprocess
 from saliency_service.shapes.train import TrainConfig, training_data
 
 MODEL_NAME = "vit_shapes"
+_CNN_LAYER2_WIDTH = 48  # ShapesNet's layer2 channels (network._WIDTHS[2])
 DESCRIPTION = "Vision transformer (patch 16, 8x8 tokens + class token) trained by saliency-service on its shapes dataset (128x128 RGB)."
 
 
@@ -54,8 +57,10 @@ class VitConfig:
     heads: int = 4
     mlp_ratio: int = 2
     classes: int = len(LABELS)
-    stem: int = 32
-    """Channels of the first stage of the patch embedding (0: one patch x patch convolution)."""
+    stem: str = "cnn"
+    """How patches are embedded: "patch" (one patch x patch convolution), "conv" (three 3x3 stride-2 conv-BN-ReLU
+    stages, then a patch/8 convolution) or "cnn" (the `shapes` CNN's stem, layer1 and layer2, then a patch/8
+    convolution: a hybrid ViT, Dosovitskiy et al. 2021 §3.1; training starts them from the shipped CNN)."""
     registers: int = 0
     """Extra learned prefix tokens after the class token (Darcet et al., ICLR 2024); the tests use them."""
 
@@ -112,16 +117,26 @@ class ShapesViT(nn.Module):
         self.config = config
         h, w = config.grid
         self.patch_embed: nn.Module
-        if config.stem and config.patch % 4 == 0:
-            # Two non-overlapping stages (4x4, then patch/4 x patch/4): each token still sees exactly its
-            # own patch, but the first stage gives the small data set an easier start (as conv stems do,
-            # Xiao et al., NeurIPS 2021).
-            quarter = config.patch // 4
-            self.patch_embed = nn.Sequential(
-                nn.Conv2d(3, config.stem, 4, stride=4), nn.GELU(), nn.Conv2d(config.stem, config.dim, quarter, stride=quarter)
-            )
-        else:
+        if config.stem == "patch":
             self.patch_embed = nn.Conv2d(3, config.dim, config.patch, stride=config.patch)
+        elif config.stem in ("conv", "cnn") and config.patch % 8 == 0:
+            # Both stems reach 1/8 of the input with 3x3 convolutions, then a patch/8 x patch/8 projection gives the
+            # same token grid as a patch x patch convolution; on a small data set they train far faster (Xiao et al.,
+            # NeurIPS 2021).
+            last = config.patch // 8
+            if config.stem == "cnn":
+                cnn = ShapesNet(config.classes)
+                stages: list[nn.Module] = [cnn.stem, cnn.layer1, cnn.layer2]
+                width = _CNN_LAYER2_WIDTH
+            else:
+                widths = (3, 16, 32, 64)
+                stages = []
+                for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
+                    stages += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+                width = widths[-1]
+            self.patch_embed = nn.Sequential(*stages, nn.Conv2d(width, config.dim, last, stride=last))
+        else:
+            raise ValueError(f"stem '{config.stem}' with patch {config.patch}: use 'patch', or 'conv'/'cnn' with a multiple of 8")
         # The class token, then any register tokens: the layers' prefix.
         self.cls_token = nn.Parameter(torch.zeros(1, 1 + config.registers, config.dim))
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 1 + config.registers + h * w, config.dim))
@@ -154,18 +169,36 @@ def declared_layers(depth: int) -> tuple[str, ...]:
 
 # ---- training ----
 
+_CNN_STAGES = {"model.stem.": "0.", "model.layer1.": "1.", "model.layer2.": "2."}
+
+
+def load_cnn_stem(model: ShapesViT, cnn_program: Path = EMBEDDED_REPOSITORY / "shapes" / "model.pt2") -> None:
+    """Start a "cnn" stem from the shipped `shapes` model's stem, layer1 and layer2 (read from its vetted torch program)."""
+    if model.config.stem != "cnn":
+        raise ValueError("only a 'cnn' stem can start from the shapes CNN")
+    vet_pt2_archive(cnn_program)
+    state = torch.export.load(str(cnn_program)).module().state_dict()
+    stem = {}
+    for key, value in state.items():
+        for prefix, index in _CNN_STAGES.items():
+            if key.startswith(prefix):
+                stem[index + key[len(prefix) :]] = value.detach().clone()
+    missing, unexpected = model.patch_embed.load_state_dict(stem, strict=False)
+    if unexpected or any(not key.startswith("3.") for key in missing):
+        raise ValueError(f"the shapes CNN does not fit the stem: missing {missing}, unexpected {unexpected}")
+
 
 @dataclass(frozen=True)
 class VitTrainConfig:
     """Hyper-parameters; defaults are the settings of the shipped model."""
 
     epochs: int = 4
-    train_images: int = 20_000
+    train_images: int = 16_000
     pair_fraction: float = 0.2
-    batch_size: int = 64
-    lr: float = 2e-3
+    batch_size: int = 32
+    lr: float = 1e-3
     weight_decay: float = 0.05
-    token_weight: float = 0.5
+    token_weight: float = 1.0
     seed: int = 0
     eval_images: int = 500
     threads: int = 2
@@ -218,6 +251,8 @@ def train_vit(config: VitTrainConfig = VitTrainConfig(), architecture: VitConfig
     if log:
         print(f"generated {len(pool.images)} training images ({time.monotonic() - start:.0f}s)", flush=True)
     model = ShapesViT(architecture)
+    if architecture.stem == "cnn":
+        load_cnn_stem(model)
     decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in name]
     no_decay = [p for name, p in model.named_parameters() if p.ndim < 2 or "pos_embed" in name]
     optimizer = torch.optim.AdamW(
