@@ -102,6 +102,8 @@ class ModelConfig:
     # Max |logit difference| allowed between the ONNX and torch artifacts, checked at load.
     logits_tolerance: float = 1e-3
     extra: dict[str, Any] = field(default_factory=dict)
+    # The layer CAM methods use when a request names none; None: the last declared layer.
+    cam_layer: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -109,7 +111,10 @@ class ModelConfig:
 
     @property
     def default_layer(self) -> str | None:
-        """The last declared layer: the usual choice for CAM methods."""
+        """`cam_layer` when set, else the last declared layer: the usual choice for CNNs (for a class-token ViT an
+        earlier block's norm1 often localises better, METHODS.md §9)."""
+        if self.cam_layer is not None:
+            return self.cam_layer
         return self.layers[-1].name if self.layers else None
 
     def layer(self, name: str) -> LayerSpec:
@@ -138,6 +143,8 @@ class ModelConfig:
             # Convolutional layers are written exactly as before token layers existed.
             if layer["tokens"] is None:
                 del layer["tokens"]
+        if raw["cam_layer"] is None:
+            del raw["cam_layer"]
         return json.dumps(raw, indent=2) + "\n"
 
     def save(self, folder: Path) -> None:
@@ -166,7 +173,16 @@ class ModelConfig:
                 ),
                 **{
                     k: raw[k]
-                    for k in ("task", "description", "onnx_file", "torch_file", "onnx_logits_output", "logits_tolerance", "extra")
+                    for k in (
+                        "task",
+                        "description",
+                        "onnx_file",
+                        "torch_file",
+                        "onnx_logits_output",
+                        "logits_tolerance",
+                        "extra",
+                        "cam_layer",
+                    )
                     if k in raw
                 },
             )
@@ -194,6 +210,8 @@ class ModelConfig:
                 problems.append(f"artifact file name '{name}' must be a plain file name")
         if sorted(layer.probe_index for layer in self.layers) != list(range(len(self.layers))):
             problems.append("layer probe indices must be 0..n-1")
+        if self.cam_layer is not None and self.cam_layer not in {layer.name for layer in self.layers}:
+            problems.append(f"cam_layer '{self.cam_layer}' is not a declared layer")
         for layer in self.layers:
             if min(layer.shape) <= 0:
                 problems.append(f"layer '{layer.name}' has an empty shape {layer.shape}")

@@ -130,6 +130,7 @@ def export_model(
     overwrite: bool = False,
     patch_size: int | tuple[int, int] | None = None,
     prefix_tokens: int | None = None,
+    default_layer: str | None = None,
 ) -> Path:
     """Write `repository/name/` with config.json, model.onnx and model.pt2; return the folder.
 
@@ -142,7 +143,8 @@ def export_model(
     of prefix tokens (class/register tokens), from `patch_size` when given (the grid is the input
     size over the patch size, the prefix what remains), else inferred from the token count (see
     `token_grid`); `prefix_tokens` pins the prefix count when the input size alone is ambiguous.
-    Methods then see such a layer as D x h x w (METHODS.md §9).
+    Methods then see such a layer as D x h x w (METHODS.md §9). `default_layer` (one of `layers`)
+    is the layer CAM methods use when a request names none; by default the last of `layers`.
     """
     if not valid_model_name(name):
         raise InvalidArgument("INVALID_MODEL_NAME", f"'{name}' is not a valid model name (lower-case letters, digits, '_', '-', '.')")
@@ -152,6 +154,8 @@ def export_model(
     missing = [layer for layer in layers if layer not in known or layer == ""]
     if missing:
         raise InvalidArgument("UNKNOWN_LAYER", f"module has no submodule(s) {missing}")
+    if default_layer is not None and default_layer not in layers:
+        raise InvalidArgument("UNKNOWN_LAYER", f"default_layer '{default_layer}' is not one of the declared layers {list(layers)}")
     repository = Path(repository)
     target = repository / name
     if target.exists() and not overwrite:
@@ -185,6 +189,7 @@ def export_model(
         labels=tuple(labels),
         layers=tuple(specs),
         logits_tolerance=tolerance,
+        cam_layer=default_layer,
     )
 
     repository.mkdir(parents=True, exist_ok=True)
