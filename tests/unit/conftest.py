@@ -12,6 +12,7 @@ from torch import nn
 
 from saliency_service.core.models.export import export_model
 from saliency_service.core.models.model import LoadedModel, RuntimeOptions
+from saliency_service.shapes.vit import ShapesViT, VitConfig, declared_layers
 
 # The test machine is shared: one thread keeps the suite from starving its neighbours.
 torch.set_num_threads(1)
@@ -19,6 +20,8 @@ torch.set_num_threads(1)
 CNN_SIZE = (20, 28)
 LINEAR_SIZE = (9, 12)
 REGION_SIZE = (16, 16)
+# Non-square, with a register token: a swapped h/w or a wrong prefix count cannot pass unnoticed.
+VIT_CONFIG = VitConfig(height=16, width=24, patch=4, dim=16, depth=3, heads=2, mlp_ratio=2, classes=4, registers=1, stem="patch")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -94,10 +97,12 @@ def _randomise_batchnorm(module: nn.Module, generator: torch.Generator) -> None:
             layer.bias.data.copy_(0.2 * torch.randn(size, generator=generator))
 
 
-def _export(module: nn.Module, size: tuple[int, int], repository: Path, name: str, labels: list[str], layers: list[str]) -> ModelCase:
+def _export(
+    module: nn.Module, size: tuple[int, int], repository: Path, name: str, labels: list[str], layers: list[str], **options: int
+) -> ModelCase:
     module.eval()
     example = torch.zeros((1, 3, *size))
-    folder = export_model(module, example, repository, name, labels=labels, layers=layers, mean=MEAN, std=STD)
+    folder = export_model(module, example, repository, name, labels=labels, layers=layers, mean=MEAN, std=STD, **options)
     return ModelCase(module, LoadedModel.load(folder, RuntimeOptions(max_batch=64, threads=1, prefer_cuda=False)))
 
 
@@ -119,6 +124,25 @@ def tiny_cnn(repository: Path) -> ModelCase:
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu", generator=generator)
         module.head.weight.mul_(4.0)
     return _export(module, CNN_SIZE, repository, "tiny-cnn", ["circle", "square", "star", "cross"], ["stem", "features"])
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(repository: Path) -> ModelCase:
+    """A randomly initialised ViT (class token + 1 register, 4x6 patch grid, 3 blocks); its layers are token layers.
+
+    The patch size is given at export (the grid is inferred from it); the default layer is the last
+    block's norm1, whose tokens reach the class-token head.
+    """
+    torch.manual_seed(3)
+    module = ShapesViT(VIT_CONFIG)
+    with torch.no_grad():
+        # Stronger than the training init, so logits move by O(1) with the input.
+        module.head.weight.normal_(0.0, 1.0)
+        module.cls_token.normal_(0.0, 1.0)
+    size = (VIT_CONFIG.height, VIT_CONFIG.width)
+    return _export(
+        module, size, repository, "tiny-vit", ["circle", "square", "star", "cross"], list(declared_layers(VIT_CONFIG.depth)), patch_size=4
+    )
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,7 @@ def _hooks(model: LoadedModel) -> dict[tuple[str, str], list[int]]:
 
 
 def _ensure_lp_cam_prototypes(model: LoadedModel) -> None:
-    """LP-CAM reads prototypes built once per model: build them for the tiny CNN's default layer from seeded random images."""
+    """LP-CAM reads prototypes built once per model: build them for the model's default layer from seeded random images."""
     layer = model.config.default_layer
     assert model.folder is not None and layer is not None
     if not prototype_file(model.folder, layer).is_file():
@@ -61,9 +61,11 @@ def _ensure_lp_cam_prototypes(model: LoadedModel) -> None:
         build_prototypes(model, images, layer, k=3, labels=labels).save(prototype_file(model.folder, layer))
 
 
+@pytest.mark.parametrize("model_fixture", ["tiny_cnn", "tiny_vit"])
 @pytest.mark.parametrize("method", METHODS.names())
-def test_method_contract(method: str, tiny_cnn) -> None:
-    model = tiny_cnn.model
+def test_method_contract(method: str, model_fixture: str, request: pytest.FixtureRequest) -> None:
+    """tiny_cnn: a convolutional model; tiny_vit: a ViT whose layers are token layers (class + register prefix)."""
+    model = request.getfixturevalue(model_fixture).model
     if method == "lp_cam":
         _ensure_lp_cam_prototypes(model)
     spec = model.config.input
@@ -78,7 +80,7 @@ def test_method_contract(method: str, tiny_cnn) -> None:
     assert maps.shape == (3, spec.height, spec.width)
     assert maps.dtype == np.float32
     assert np.isfinite(maps).all()
-    assert not np.all(maps == 0), "a random image on a random CNN should give some signal"
+    assert not np.all(maps == 0), "a random image on a random model should give some signal"
 
     again = instance.attribute(_request(model, method, x, targets, seed=5))
     np.testing.assert_array_equal(maps, again, err_msg="same input and seed must give the same maps")

@@ -28,15 +28,12 @@ map is that layer's normalised map. No final re-normalisation after combining.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from saliency_service.core.methods.base import METHODS, MethodInput, SaliencyMethod
 from saliency_service.core.methods.cam import MINMAX_EPS, require_layer
-from saliency_service.core.models.model import LoadedModel
 from saliency_service.core.params import ParamSpec
 
 VIRTUAL_LAYERS = ("conv1x1", "scaling", "conv3x3", "bias")
@@ -93,29 +90,6 @@ def normalise_upsampled(maps: torch.Tensor, height: int, width: int) -> torch.Te
     return up / (up.amax(dim=(1, 2), keepdim=True) + MINMAX_EPS)
 
 
-def layers_gradient(
-    model: LoadedModel, x: torch.Tensor, weights: torch.Tensor, layers: Sequence[str]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(activation, gradient) for each of `layers` from ONE backward pass per chunk of max_batch items.
-
-    LoadedModel.layer_gradient differentiates one probe; here every requested layer's probe requires
-    grad and a single autograd.grad call returns them all.
-    """
-    indices = [model.config.layer(layer).probe_index for layer in layers]
-    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-    step = model.max_batch
-    for start in range(0, len(x), step):
-        xs = x[start : start + step].detach()
-        probes = model.program.zero_probes(len(xs))
-        for index in indices:
-            probes[index].requires_grad_(True)
-        with torch.enable_grad():
-            logits, activations = model.program.forward(xs, probes)
-            grads = torch.autograd.grad((logits * weights[start : start + step]).sum(), [probes[index] for index in indices])
-        parts.append([(activations[index].detach(), grad) for index, grad in zip(indices, grads, strict=True)])
-    return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(indices))]
-
-
 @METHODS.register("norm_grad")
 class NormGrad(SaliencyMethod):
     description = (
@@ -155,9 +129,11 @@ class NormGrad(SaliencyMethod):
         x = torch.from_numpy(np.ascontiguousarray(request.x, dtype=np.float32))
         spec = request.model.config.input
         virtual_layer, reduction = str(request.params["virtual_layer"]), str(request.params["reduction"])
+        # Every layer's gradient from one backward pass per chunk.
+        _, activations, gradients = request.model.layers_gradient(x, request.objective(), layers)
         maps = [
-            normalise_upsampled(norm_grad_map(act, grad, virtual_layer, reduction), spec.height, spec.width)
-            for act, grad in layers_gradient(request.model, x, request.objective(), layers)
+            normalise_upsampled(norm_grad_map(activations[layer], gradients[layer], virtual_layer, reduction), spec.height, spec.width)
+            for layer in layers
         ]
         if request.params["combine"] == "product":
             combined = torch.stack(maps).prod(dim=0)

@@ -19,6 +19,13 @@ TORCH_FILE = "model.pt2"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
+def _token_grid(raw: Any) -> TokenGrid | None:
+    """A layer's optional "tokens" entry: {"grid": [h, w], "prefix": p}; absent or null for a convolutional layer."""
+    if raw is None:
+        return None
+    return TokenGrid(grid=(int(raw["grid"][0]), int(raw["grid"][1])), prefix=int(raw["prefix"]))
+
+
 def valid_model_name(name: str) -> bool:
     """Model names are folder names: lower-case, no path separators, cannot escape the repository."""
     return bool(_NAME.match(name)) and ".." not in name
@@ -38,17 +45,46 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class TokenGrid:
+    """How a transformer's token layer (N x tokens x D) maps onto an image grid (METHODS.md §9).
+
+    The first `prefix` tokens (class, distillation, register tokens) have no position; the remaining
+    `grid[0] * grid[1]` tokens are the patches in row-major order (timm/ViT convention).
+    """
+
+    grid: tuple[int, int]
+    prefix: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix + self.grid[0] * self.grid[1]
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """A layer that CAM methods may use, named by its module path in the source model.
 
     `onnx_output` is the extra graph output that carries its activation; `probe_index` is the
-    position of its zero probe among the torch program's probe inputs; `shape` is C x h x w.
+    position of its zero probe among the torch program's probe inputs.
+
+    `shape` is what methods (and clients, via ListModels) see: C x h x w. For a convolutional
+    layer that is the activation itself. For a token layer (`tokens` set) the artifacts output
+    N x (prefix + h*w) x D; methods see D x h x w (prefix tokens dropped, patches reshaped
+    row-major to the grid, embedding dims as channels), and `raw_shape` is (prefix + h*w, D).
     """
 
     name: str
     onnx_output: str
     probe_index: int
     shape: tuple[int, int, int]
+    tokens: TokenGrid | None = None
+
+    @property
+    def raw_shape(self) -> tuple[int, ...]:
+        """The activation's shape in the artifacts (per item): C x h x w, or tokens x D for a token layer."""
+        if self.tokens is None:
+            return self.shape
+        return (self.tokens.tokens, self.shape[0])
 
 
 @dataclass(frozen=True)
@@ -66,6 +102,8 @@ class ModelConfig:
     # Max |logit difference| allowed between the ONNX and torch artifacts, checked at load.
     logits_tolerance: float = 1e-3
     extra: dict[str, Any] = field(default_factory=dict)
+    # The layer CAM methods use when a request names none; None: the last declared layer.
+    cam_layer: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -73,7 +111,10 @@ class ModelConfig:
 
     @property
     def default_layer(self) -> str | None:
-        """The last declared layer: the usual choice for CAM methods."""
+        """`cam_layer` when set, else the last declared layer: the usual choice for CNNs (for a class-token ViT an
+        earlier block's norm1 often localises better, METHODS.md §9)."""
+        if self.cam_layer is not None:
+            return self.cam_layer
         return self.layers[-1].name if self.layers else None
 
     def layer(self, name: str) -> LayerSpec:
@@ -97,7 +138,14 @@ class ModelConfig:
             ) from None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        raw = asdict(self)
+        for layer in raw["layers"]:
+            # Convolutional layers are written exactly as before token layers existed.
+            if layer["tokens"] is None:
+                del layer["tokens"]
+        if raw["cam_layer"] is None:
+            del raw["cam_layer"]
+        return json.dumps(raw, indent=2) + "\n"
 
     def save(self, folder: Path) -> None:
         (folder / CONFIG_FILE).write_text(self.to_json())
@@ -119,12 +167,22 @@ class ModelConfig:
                         onnx_output=str(layer["onnx_output"]),
                         probe_index=int(layer["probe_index"]),
                         shape=(int(layer["shape"][0]), int(layer["shape"][1]), int(layer["shape"][2])),
+                        tokens=_token_grid(layer.get("tokens")),
                     )
                     for layer in raw["layers"]
                 ),
                 **{
                     k: raw[k]
-                    for k in ("task", "description", "onnx_file", "torch_file", "onnx_logits_output", "logits_tolerance", "extra")
+                    for k in (
+                        "task",
+                        "description",
+                        "onnx_file",
+                        "torch_file",
+                        "onnx_logits_output",
+                        "logits_tolerance",
+                        "extra",
+                        "cam_layer",
+                    )
                     if k in raw
                 },
             )
@@ -152,5 +210,17 @@ class ModelConfig:
                 problems.append(f"artifact file name '{name}' must be a plain file name")
         if sorted(layer.probe_index for layer in self.layers) != list(range(len(self.layers))):
             problems.append("layer probe indices must be 0..n-1")
+        if self.cam_layer is not None and self.cam_layer not in {layer.name for layer in self.layers}:
+            problems.append(f"cam_layer '{self.cam_layer}' is not a declared layer")
+        for layer in self.layers:
+            if min(layer.shape) <= 0:
+                problems.append(f"layer '{layer.name}' has an empty shape {layer.shape}")
+            if layer.tokens is not None:
+                if layer.tokens.prefix < 0 or min(layer.tokens.grid) <= 0:
+                    problems.append(
+                        f"layer '{layer.name}': token grid {layer.tokens.grid} and prefix {layer.tokens.prefix} must be positive"
+                    )
+                elif tuple(layer.shape[1:]) != tuple(layer.tokens.grid):
+                    problems.append(f"layer '{layer.name}': shape {layer.shape} does not match its token grid {layer.tokens.grid}")
         if problems:
             raise FailedPrecondition("MODEL_CONFIG_INVALID", f"{folder / CONFIG_FILE}: " + "; ".join(problems), {"path": str(folder)})

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from saliency_service.core.errors import InvalidArgument
-from saliency_service.core.models.config import ONNX_FILE, TORCH_FILE, InputSpec, LayerSpec, ModelConfig, valid_model_name
+from saliency_service.core.models.config import ONNX_FILE, TORCH_FILE, InputSpec, LayerSpec, ModelConfig, TokenGrid, valid_model_name
 from saliency_service.core.models.model import LoadedModel
 from saliency_service.core.models.onnx_runner import OnnxRunner
 from saliency_service.core.models.torch_runner import TorchRunner
@@ -63,6 +63,53 @@ class _Plain(_LayerOutputs):
         return self.run(x, None)
 
 
+# When neither patch size nor prefix is given, a token layer's grid is inferred only if exactly one
+# patch size that divides the input leaves between 0 and this many prefix tokens.
+_MAX_INFERRED_PREFIX = 16
+
+
+def token_grid(
+    layer: str, tokens: int, height: int, width: int, patch_size: int | tuple[int, int] | None = None, prefix_tokens: int | None = None
+) -> TokenGrid:
+    """The grid (h, w) and prefix count of a token layer with `tokens` tokens on a `height` x `width` input.
+
+    With `patch_size`: h = height / patch, w = width / patch, prefix = tokens - h*w. With only
+    `prefix_tokens`: the tokens - prefix patches must tile the input with square patches (a perfect
+    square for a square input). With neither: the one patch size that divides the input and leaves
+    0..16 prefix tokens. Anything ambiguous or inconsistent is an InvalidArgument naming the fix.
+    """
+    if patch_size is not None:
+        ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else (int(patch_size[0]), int(patch_size[1]))
+        if ph <= 0 or pw <= 0 or height % ph or width % pw:
+            raise InvalidArgument("INVALID_PATCH_SIZE", f"patch size {(ph, pw)} does not tile the {height}x{width} input")
+        grid = (height // ph, width // pw)
+        prefix = tokens - grid[0] * grid[1]
+        if prefix < 0 or (prefix_tokens is not None and prefix != prefix_tokens):
+            raise InvalidArgument(
+                "TOKEN_GRID_MISMATCH",
+                f"layer '{layer}' has {tokens} tokens; patch size {(ph, pw)} on a {height}x{width} input gives a "
+                f"{grid[0]}x{grid[1]} grid, which leaves {prefix} prefix tokens"
+                + (f", not {prefix_tokens}" if prefix_tokens is not None else ""),
+            )
+        return TokenGrid(grid=grid, prefix=prefix)
+    candidates = []
+    for patch in range(1, min(height, width) + 1):
+        if height % patch or width % patch:
+            continue
+        grid = (height // patch, width // patch)
+        prefix = tokens - grid[0] * grid[1]
+        if (prefix_tokens is None and 0 <= prefix <= _MAX_INFERRED_PREFIX) or prefix == prefix_tokens:
+            candidates.append(TokenGrid(grid=grid, prefix=prefix))
+    if len(candidates) != 1:
+        found = ", ".join(f"{c.grid[0]}x{c.grid[1]} grid + {c.prefix} prefix" for c in candidates) or "no square-patch grid"
+        raise InvalidArgument(
+            "TOKEN_GRID_UNKNOWN",
+            f"cannot infer the token grid of layer '{layer}' ({tokens} tokens, {height}x{width} input): {found}; "
+            "pass patch_size (and prefix_tokens) to export_model",
+        )
+    return candidates[0]
+
+
 def _onnx_output_name(index: int, layer: str) -> str:
     return f"layer{index}_" + re.sub(r"[^A-Za-z0-9_]", "_", layer)
 
@@ -81,12 +128,23 @@ def export_model(
     description: str = "",
     tolerance: float = 1e-3,
     overwrite: bool = False,
+    patch_size: int | tuple[int, int] | None = None,
+    prefix_tokens: int | None = None,
+    default_layer: str | None = None,
 ) -> Path:
     """Write `repository/name/` with config.json, model.onnx and model.pt2; return the folder.
 
     `example_input` is one normalised batch (N x 3 x H x W) that fixes the input size; `layers` are
     module paths (e.g. ``["layer4"]``) that CAM methods may use. The entry is loaded back and its
     ONNX and torch logits are checked to agree with each other and with `module` within `tolerance`.
+
+    A declared layer may output N x C x h x w (convolutional) or N x tokens x D (a transformer's
+    token sequence, batch first). For token layers the config records the patch grid and the number
+    of prefix tokens (class/register tokens), from `patch_size` when given (the grid is the input
+    size over the patch size, the prefix what remains), else inferred from the token count (see
+    `token_grid`); `prefix_tokens` pins the prefix count when the input size alone is ambiguous.
+    Methods then see such a layer as D x h x w (METHODS.md §9). `default_layer` (one of `layers`)
+    is the layer CAM methods use when a request names none; by default the last of `layers`.
     """
     if not valid_model_name(name):
         raise InvalidArgument("INVALID_MODEL_NAME", f"'{name}' is not a valid model name (lower-case letters, digits, '_', '-', '.')")
@@ -96,6 +154,8 @@ def export_model(
     missing = [layer for layer in layers if layer not in known or layer == ""]
     if missing:
         raise InvalidArgument("UNKNOWN_LAYER", f"module has no submodule(s) {missing}")
+    if default_layer is not None and default_layer not in layers:
+        raise InvalidArgument("UNKNOWN_LAYER", f"default_layer '{default_layer}' is not one of the declared layers {list(layers)}")
     repository = Path(repository)
     target = repository / name
     if target.exists() and not overwrite:
@@ -109,22 +169,27 @@ def export_model(
     if reference.ndim != 2 or reference.shape[1] != len(labels):
         raise InvalidArgument("LABELS_MISMATCH", f"module returns {tuple(reference.shape)} logits but {len(labels)} labels were given")
     shapes = [tuple(int(d) for d in act.shape[1:]) for act in activations]
-    if any(len(shape) != 3 for shape in shapes):
-        raise InvalidArgument("UNSUPPORTED_LAYER", f"declared layers must output N x C x h x w; got {shapes}")
+    if any(len(shape) not in (2, 3) for shape in shapes):
+        raise InvalidArgument(
+            "UNSUPPORTED_LAYER",
+            f"declared layers must output N x C x h x w or N x tokens x D tensors; got {dict(zip(layers, shapes, strict=True))}",
+        )
+    height, width = int(x.shape[2]), int(x.shape[3])
+    specs = []
+    for i, (layer, shape) in enumerate(zip(layers, shapes, strict=True)):
+        tokens = None if len(shape) == 3 else token_grid(layer, shape[0], height, width, patch_size, prefix_tokens)
+        seen = shape if tokens is None else (shape[1], *tokens.grid)
+        specs.append(LayerSpec(name=layer, onnx_output=_onnx_output_name(i, layer), probe_index=i, shape=seen, tokens=tokens))  # type: ignore[arg-type]
 
     config = ModelConfig(
         name=name,
         version=version,
         description=description,
-        input=InputSpec(
-            height=int(x.shape[2]), width=int(x.shape[3]), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std)
-        ),
+        input=InputSpec(height=height, width=width, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std)),
         labels=tuple(labels),
-        layers=tuple(
-            LayerSpec(name=layer, onnx_output=_onnx_output_name(i, layer), probe_index=i, shape=shape)  # type: ignore[arg-type]
-            for i, (layer, shape) in enumerate(zip(layers, shapes, strict=True))
-        ),
+        layers=tuple(specs),
         logits_tolerance=tolerance,
+        cam_layer=default_layer,
     )
 
     repository.mkdir(parents=True, exist_ok=True)
@@ -172,7 +237,7 @@ def _load_staged(staging: Path, config: ModelConfig) -> LoadedModel:
     model = LoadedModel(
         config,
         OnnxRunner(staging / config.onnx_file, prefer_cuda=False),
-        TorchRunner(staging / config.torch_file, [layer.shape for layer in config.layers]),
+        TorchRunner(staging / config.torch_file, [layer.raw_shape for layer in config.layers]),
     )
     model.check_agreement()
     return model

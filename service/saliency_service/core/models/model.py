@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,12 +10,42 @@ import numpy as np
 import torch
 
 from saliency_service.core.errors import FailedPrecondition
-from saliency_service.core.models.config import ModelConfig
+from saliency_service.core.models.config import LayerSpec, ModelConfig, TokenGrid
 from saliency_service.core.models.onnx_runner import OnnxRunner
 from saliency_service.core.models.torch_runner import TorchRunner
 
 PassObserver = Callable[[str, str, int], None]
 """Called as observer(model_name, "forward" | "backward", batch_size) after each pass."""
+
+
+def tokens_to_grid_np(activation: np.ndarray, tokens: TokenGrid) -> np.ndarray:
+    """B x (prefix + h*w) x D tokens -> B x D x h x w: prefix tokens dropped, patches row-major on the grid."""
+    (h, w), batch = tokens.grid, activation.shape[0]
+    patches = activation[:, tokens.prefix :, :].reshape(batch, h, w, activation.shape[2])
+    return np.ascontiguousarray(patches.transpose(0, 3, 1, 2))
+
+
+def tokens_to_grid(activation: torch.Tensor, tokens: TokenGrid) -> torch.Tensor:
+    """The torch twin of `tokens_to_grid_np` (used for activations and their gradients alike)."""
+    (h, w), batch = tokens.grid, activation.shape[0]
+    return activation[:, tokens.prefix :, :].reshape(batch, h, w, activation.shape[2]).permute(0, 3, 1, 2).contiguous()
+
+
+def grid_to_tokens(grid: torch.Tensor, tokens: TokenGrid) -> torch.Tensor:
+    """B x D x h x w -> B x (prefix + h*w) x D, the inverse of `tokens_to_grid`; prefix tokens get zeros."""
+    batch, dim, h, w = grid.shape
+    if (h, w) != tuple(tokens.grid):
+        raise ValueError(f"a {h}x{w} map does not match the layer's {tokens.grid[0]}x{tokens.grid[1]} token grid")
+    patches = grid.permute(0, 2, 3, 1).reshape(batch, h * w, dim)
+    return torch.cat([patches.new_zeros((batch, tokens.prefix, dim)), patches], dim=1)
+
+
+def _as_seen_np(spec: LayerSpec, activation: np.ndarray) -> np.ndarray:
+    return activation if spec.tokens is None else tokens_to_grid_np(activation, spec.tokens)
+
+
+def _as_seen(spec: LayerSpec, activation: torch.Tensor) -> torch.Tensor:
+    return activation if spec.tokens is None else tokens_to_grid(activation, spec.tokens)
 
 
 @dataclass(frozen=True)
@@ -26,7 +56,13 @@ class RuntimeOptions:
 
 
 class LoadedModel:
-    """ONNX for forward passes, the torch program for gradients; both give the same logits."""
+    """ONNX for forward passes, the torch program for gradients; both give the same logits.
+
+    Every layer activation, gradient and delta crosses this seam as B x C x h x w (`LayerSpec.shape`).
+    A transformer's token layer (B x (prefix + h*w) x D in the artifacts, `LayerSpec.tokens`) is shown
+    as B x D x h x w with its prefix (class/register) tokens dropped (METHODS.md §9), so every CAM
+    method works on it unchanged; the artifacts and `program` keep the raw token layout.
+    """
 
     def __init__(
         self,
@@ -50,7 +86,7 @@ class LoadedModel:
             if not (folder / name).is_file():
                 raise FailedPrecondition("MODEL_FILE_MISSING", f"{folder / name} does not exist", {"path": str(folder / name)})
         onnx = OnnxRunner(folder / config.onnx_file, max_batch=options.max_batch, threads=options.threads, prefer_cuda=options.prefer_cuda)
-        program = TorchRunner(folder / config.torch_file, [layer.shape for layer in config.layers])
+        program = TorchRunner(folder / config.torch_file, [layer.raw_shape for layer in config.layers])
         model = cls(config, onnx, program, observer, folder)
         model.check_agreement()
         return model
@@ -84,9 +120,9 @@ class LoadedModel:
                 {"model": self.name},
             )
         for layer, onnx_act, torch_act in zip(self.config.layers, outputs[1:], activations, strict=True):
-            if onnx_act.shape[1:] != layer.shape or tuple(torch_act.shape[1:]) != layer.shape:
+            if onnx_act.shape[1:] != layer.raw_shape or tuple(torch_act.shape[1:]) != layer.raw_shape:
                 raise FailedPrecondition(
-                    "MODEL_OUTPUT_MISMATCH", f"layer '{layer.name}' shape differs from its config {layer.shape}", {"model": self.name}
+                    "MODEL_OUTPUT_MISMATCH", f"layer '{layer.name}' shape differs from its config {layer.raw_shape}", {"model": self.name}
                 )
         difference = float(np.abs(onnx_logits - torch_logits.numpy()).max())
         if difference > self.config.logits_tolerance:
@@ -106,11 +142,11 @@ class LoadedModel:
         return logits
 
     def forward(self, x: np.ndarray, layers: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Logits and the activations of the named declared layers."""
+        """Logits and the activations of the named declared layers, each B x C x h x w (token layers reshaped)."""
         specs = [self.config.layer(name) for name in layers]
         logits, *activations = self.onnx.run(x, [self.config.onnx_logits_output, *(spec.onnx_output for spec in specs)])
         self._observe(self.name, "forward", len(x))
-        return logits, {spec.name: act for spec, act in zip(specs, activations, strict=True)}
+        return logits, {spec.name: _as_seen_np(spec, act) for spec, act in zip(specs, activations, strict=True)}
 
     # ---- gradients (torch program) ----
 
@@ -129,37 +165,65 @@ class LoadedModel:
         return torch.cat(logits_parts), torch.cat(grad_parts)
 
     def layer_gradient(self, x: torch.Tensor, weights: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits, the layer's activation, and the objective's gradient with respect to it."""
-        index = self.config.layer(layer).probe_index
-        logits_parts, act_parts, grad_parts = [], [], []
+        """Logits, the layer's activation, and the objective's gradient with respect to it (both B x C x h x w)."""
+        logits, activations, gradients = self.layers_gradient(x, weights, [layer])
+        return logits, activations[layer], gradients[layer]
+
+    def layers_gradient(
+        self, x: torch.Tensor, weights: torch.Tensor, layers: Sequence[str], deltas: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Logits, and each layer's activation and gradient (B x C x h x w), from one backward pass per chunk.
+
+        `deltas` (optional, per layer, B x C x h x w) are added to those layers' outputs first, so the
+        gradient is taken at a moved activation (layer-space Integrated Gradients walks a path this way);
+        the activations returned are the unmoved ones.
+        """
+        specs = [self.config.layer(layer) for layer in layers]
+        deltas = deltas or {}
+        logits_parts: list[torch.Tensor] = []
+        act_parts: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in specs}
+        grad_parts: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in specs}
         step = self.max_batch
         for start in range(0, len(x), step):
             xs = x[start : start + step].detach()
             probes = self.program.zero_probes(len(xs))
-            probes[index].requires_grad_(True)
+            for spec in specs:
+                if spec.name in deltas:
+                    part = deltas[spec.name][start : start + step].to(probes[spec.probe_index].dtype)
+                    probes[spec.probe_index] = part if spec.tokens is None else grid_to_tokens(part, spec.tokens)
+                probes[spec.probe_index].requires_grad_(True)
             with torch.enable_grad():
                 logits, activations = self.program.forward(xs, probes)
-                (grad,) = torch.autograd.grad((logits * weights[start : start + step]).sum(), probes[index])
+                grads = torch.autograd.grad((logits * weights[start : start + step]).sum(), [probes[spec.probe_index] for spec in specs])
             self._observe(self.name, "backward", len(xs))
             logits_parts.append(logits.detach())
-            act_parts.append(activations[index].detach())
-            grad_parts.append(grad)
-        return torch.cat(logits_parts), torch.cat(act_parts), torch.cat(grad_parts)
+            for spec, grad in zip(specs, grads, strict=True):
+                activation = activations[spec.probe_index].detach() - probes[spec.probe_index].detach()
+                act_parts[spec.name].append(_as_seen(spec, activation))
+                grad_parts[spec.name].append(_as_seen(spec, grad))
+        return (
+            torch.cat(logits_parts),
+            {name: torch.cat(parts) for name, parts in act_parts.items()},
+            {name: torch.cat(parts) for name, parts in grad_parts.items()},
+        )
 
     def logits_with_delta(self, x: torch.Tensor, layer: str, delta: torch.Tensor) -> torch.Tensor:
-        """Logits when `delta` (same shape as the layer's activation) is added to the layer's output.
+        """Logits when `delta` (B x C x h x w, as `forward` shows the layer) is added to the layer's output.
 
         This is how perturbations at a layer (Ablation-CAM's zeroed channels) run without re-exporting:
-        the program's probe for that layer carries the delta. No gradients; chunked by max_batch.
+        the program's probe for that layer carries the delta. For a token layer the delta is mapped
+        back to tokens and prefix tokens get zero delta. No gradients; chunked by max_batch.
         """
-        index = self.config.layer(layer).probe_index
+        spec = self.config.layer(layer)
+        index = spec.probe_index
         parts = []
         step = self.max_batch
         with torch.no_grad():
             for start in range(0, len(x), step):
                 xs = x[start : start + step]
                 probes = self.program.zero_probes(len(xs))
-                probes[index] = delta[start : start + step].to(probes[index].dtype)
+                part = delta[start : start + step].to(probes[index].dtype)
+                probes[index] = part if spec.tokens is None else grid_to_tokens(part, spec.tokens)
                 logits, _ = self.program.forward(xs, probes)
                 self._observe(self.name, "forward", len(xs))
                 parts.append(logits)

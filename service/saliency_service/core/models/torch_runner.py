@@ -53,7 +53,7 @@ def vet_pt2_archive(path: Path) -> None:
 class TorchRunner:
     """A frozen, probe-instrumented program: no parameter gradients, shared by all requests."""
 
-    def __init__(self, path: Path, layer_shapes: Sequence[tuple[int, int, int]], *, device: str = "cpu") -> None:
+    def __init__(self, path: Path, layer_shapes: Sequence[tuple[int, ...]], *, device: str = "cpu") -> None:
         vet_pt2_archive(path)
         try:
             program = torch.export.load(str(path))
