@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test peers lint typecheck protos train-shapes clean
+.PHONY: serve test peers lint typecheck protos train-shapes train-vit clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ protos: $(STAMP)
 train-shapes: $(STAMP)
 	$(BIN)/python -m saliency_service.shapes.train --out build/shapes_state.pt
 	$(BIN)/python -m saliency_service.shapes.export --weights build/shapes_state.pt
+
+# Retrain the embedded ViT (seeded; its stem starts from the shipped shapes CNN's weights).
+train-vit: $(STAMP)
+	$(BIN)/python -m saliency_service.shapes.vit --out service/saliency_service/model_repository
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) build dist .pytest_cache .mypy_cache

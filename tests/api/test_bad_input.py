@@ -150,7 +150,7 @@ CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.Sta
         "UNKNOWN_LAYER",
     ),
     "layer for an input-space method": (
-        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="saliency", layer="layer3", images=[_tensor(GOOD)])),
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="rise", layer="layer3", images=[_tensor(GOOD)])),
         INVALID,
         "LAYER_NOT_USED",
     ),
@@ -242,7 +242,7 @@ CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.Sta
         "UNKNOWN_LAYER",
     ),
     "layers for an input method": (
-        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="saliency", layers=["layer3"], images=[_tensor(GOOD)])),
+        lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="occlusion", layers=["layer3"], images=[_tensor(GOOD)])),
         INVALID,
         "LAYER_NOT_USED",
     ),

@@ -199,3 +199,14 @@ def test_integrated_gradients_from_a_supplied_baseline(client: SaliencyClient, s
     # One baseline serves a batch; the map sums to about logit(x) - logit(baseline) (completeness).
     pair = client.explain("shapes", [sample.image, other.image], method="integrated_gradients", params=params, baselines=[other.image])
     assert np.abs(pair[0].saliency).max() > 0 and np.abs(pair[1].saliency).max() == 0
+
+
+def test_input_methods_at_the_same_layers_as_a_cam(client: SaliencyClient, samples: list[Sample]) -> None:
+    """ML-Att: every method at the same layers, so their maps compare fairly."""
+    sample = samples[4]
+    for method in ("integrated_gradients", "input_x_gradient", "grad_cam"):
+        (explanation,) = client.explain("shapes", [sample.image], method=method, layers=["layer2", "layer3"], params=LIGHT.get(method))
+        assert explanation.provenance.layers == ("layer2", "layer3")
+        assert set(explanation.layer_maps) == {"layer2", "layer3"} and np.isfinite(explanation.saliency).all()
+    optional = {m.name for m in client.list_methods().methods if m.layer_optional}
+    assert optional == {"saliency", "input_x_gradient", "integrated_gradients"}

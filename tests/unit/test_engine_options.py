@@ -142,7 +142,7 @@ def test_logits_with_a_delta_at_a_layer(tiny_cnn: ModelCase) -> None:
     [
         (ExplainJob("tiny-cnn", [], "grad_cam", layer="stem", layers=["features"]), "AMBIGUOUS_LAYERS"),
         (ExplainJob("tiny-cnn", [], "grad_cam", layers=["stem", "stem"]), "DUPLICATE_LAYER"),
-        (ExplainJob("tiny-cnn", [], "saliency", layers=["stem"]), "LAYER_NOT_USED"),
+        (ExplainJob("tiny-cnn", [], "occlusion", layers=["stem"]), "LAYER_NOT_USED"),
         (ExplainJob("tiny-cnn", [], "eigen_cam", foil=TargetRequest(class_index=1)), "FOIL_NOT_SUPPORTED"),
         (ExplainJob("tiny-cnn", [], "grad_cam", baselines=_images(1, 4, 4)), "BASELINE_NOT_USED"),
     ],

@@ -421,6 +421,7 @@ def method_catalog(response: pb.ListMethodsResponse) -> MethodCatalog:
                 multi_layer=m.multi_layer,
                 contrastive=m.contrastive,
                 takes_baseline=m.takes_baseline,
+                layer_optional=m.layer_optional,
             )
             for m in response.methods
         ),

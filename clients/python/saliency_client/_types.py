@@ -172,6 +172,8 @@ class MethodInfo:
     contrastive: bool = False
     #: Methods only: whether the method takes caller-supplied baselines.
     takes_baseline: bool = False
+    #: Methods only: whether an input-space method also works at a layer when one is named.
+    layer_optional: bool = False
     #: Metrics only; None for methods and templates.
     higher_is_better: bool | None = None
 

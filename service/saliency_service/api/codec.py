@@ -261,6 +261,7 @@ def method(cls: type[SaliencyMethod]) -> pb.Method:
         multi_layer=cls.multi_layer,
         contrastive=cls.contrastive,
         takes_baseline=cls.takes_baseline,
+        layer_optional=cls.layer_optional,
     )
 
 

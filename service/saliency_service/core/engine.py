@@ -246,18 +246,20 @@ class Engine:
             layers = requested or ((model.config.default_layer,) if model.config.default_layer else ())
             if not layers:
                 raise InvalidArgument("NO_LAYER", f"method '{call.method}' needs a layer, and model '{model.name}' declares none")
-            for layer in layers:
-                model.config.layer(layer)
-            if len(set(layers)) != len(layers):
-                raise InvalidArgument("DUPLICATE_LAYER", f"`layers` names a layer twice: {', '.join(layers)}", {"layers": ",".join(layers)})
-        elif requested:
+        elif requested and not method.layer_optional:
+            optional = [name for name in METHODS.names() if METHODS.get(name).layer_optional]
             raise InvalidArgument(
                 "LAYER_NOT_USED",
-                f"method '{call.method}' works on the input, not at a layer; leave `layer` and `layers` empty",
+                f"method '{call.method}' works on the input, not at a layer; leave `layer` and `layers` empty "
+                f"(input methods that also work at a layer: {', '.join(optional)})",
                 {"layer": ",".join(requested)},
             )
         else:
-            layers = ()
+            layers = requested
+        for layer in layers:
+            model.config.layer(layer)
+        if len(set(layers)) != len(layers):
+            raise InvalidArgument("DUPLICATE_LAYER", f"`layers` names a layer twice: {', '.join(layers)}", {"layers": ",".join(layers)})
         if call.foil is not None and (call.foil.class_index is not None or call.foil.label) and not method.contrastive:
             raise InvalidArgument(
                 "FOIL_NOT_SUPPORTED",

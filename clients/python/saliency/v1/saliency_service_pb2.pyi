@@ -864,7 +864,9 @@ class Layer(_message.Message):
     """Module path in the source model, e.g. "layer3"."""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """channels x height x width of its activation."""
+        """channels x height x width of its activation as CAM methods see it; for a transformer's token layer,
+        embedding dims x patch grid, with the class (and register) tokens dropped.
+        """
 
     def __init__(
         self,
@@ -941,6 +943,7 @@ class Method(_message.Message):
     MULTI_LAYER_FIELD_NUMBER: _builtins.int
     CONTRASTIVE_FIELD_NUMBER: _builtins.int
     TAKES_BASELINE_FIELD_NUMBER: _builtins.int
+    LAYER_OPTIONAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     family: _builtins.str
@@ -953,6 +956,10 @@ class Method(_message.Message):
     """Whether a foil (contrast class) is accepted."""
     takes_baseline: _builtins.bool
     """Whether the method takes caller-supplied `baselines`."""
+    layer_optional: _builtins.bool
+    """Whether an input-space method also works at a declared layer when one is named (attribution to the
+    layer's activation, summed over channels, upsampled: the DiFull paper's ML-Att).
+    """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Parameter]: ...
     def __init__(
@@ -966,10 +973,11 @@ class Method(_message.Message):
         multi_layer: _builtins.bool = ...,
         contrastive: _builtins.bool = ...,
         takes_baseline: _builtins.bool = ...,
+        layer_optional: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contrastive", b"contrastive", "description", b"description", "family", b"family", "multi_layer", b"multi_layer", "name", b"name", "parameters", b"parameters", "takes_baseline", b"takes_baseline", "uses_layer", b"uses_layer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contrastive", b"contrastive", "description", b"description", "family", b"family", "layer_optional", b"layer_optional", "multi_layer", b"multi_layer", "name", b"name", "parameters", b"parameters", "takes_baseline", b"takes_baseline", "uses_layer", b"uses_layer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

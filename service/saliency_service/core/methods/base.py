@@ -68,6 +68,9 @@ class SaliencyMethod(ABC):
     family: ClassVar[str]
     """"cam", "gradient", "perturbation" or "relevance"."""
     uses_layer: ClassVar[bool] = False
+    layer_optional: ClassVar[bool] = False
+    """True: the method works on the input by default and at a declared layer when one is named (ML-Att:
+    attribution to the layer's activation, summed over channels, upsampled)."""
     multi_layer: ClassVar[bool] = False
     """True: the method combines several layers itself (gets `MethodInput.layers`); False: the engine
     runs it per layer and averages the normalised maps (ML-Att)."""

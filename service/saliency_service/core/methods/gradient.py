@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.images import gaussian_blur
@@ -24,6 +25,15 @@ def _as_tensor(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
+def layer_map(contributions: torch.Tensor, request: MethodInput) -> np.ndarray:
+    """ML-Att (METRICS.md §5): a layer attribution summed over channels, upsampled bilinearly to the input; signed."""
+    spec = request.model.config.input
+    summed = contributions.sum(dim=1, keepdim=True).float()
+    upsampled = F.interpolate(summed, size=(spec.height, spec.width), mode="bilinear", align_corners=False)
+    out: np.ndarray = upsampled[:, 0].numpy()
+    return out
+
+
 @METHODS.register("saliency")
 class Saliency(GradientMethod):
     description = "Vanilla gradient (Simonyan et al.): per pixel, the largest |d logit / d input| over the colour channels."
@@ -36,7 +46,14 @@ class Saliency(GradientMethod):
         ),
     )
 
+    layer_optional = True
+
     def attribute_once(self, request: MethodInput) -> np.ndarray:
+        if request.layer is not None:
+            # At a layer: the gradient with respect to the layer's activation, reduced the same way.
+            _, _, gradient = request.model.layer_gradient(_as_tensor(request.x), request.objective(), request.layer)
+            reduced = gradient.abs().amax(dim=1, keepdim=True) if request.params["abs"] else gradient.sum(dim=1, keepdim=True)
+            return layer_map(reduced, request)
         _, gradient = request.model.input_gradient(_as_tensor(request.x), request.objective())
         if request.params["abs"]:
             return gradient.abs().amax(dim=1).numpy()
@@ -50,8 +67,13 @@ class InputXGradient(GradientMethod):
         "signed; x is the normalised input, so pixels at the dataset mean get zero."
     )
 
+    layer_optional = True
+
     def attribute_once(self, request: MethodInput) -> np.ndarray:
         x = _as_tensor(request.x)
+        if request.layer is not None:
+            _, activation, gradient = request.model.layer_gradient(x, request.objective(), request.layer)
+            return layer_map(activation * gradient, request)
         _, gradient = request.model.input_gradient(x, request.objective())
         return (x * gradient).sum(dim=1).numpy()
 
@@ -177,12 +199,16 @@ class IntegratedGradients(GradientMethod):
         ),
     )
     takes_baseline = True
+    layer_optional = True
 
     def attribute_once(self, request: MethodInput) -> np.ndarray:
         steps = int(request.params["steps"])
         alphas, step_weights = path_rule(str(request.params["rule"]), steps)
         x = _as_tensor(request.x)
         baseline = _path_start(request, x)
+        if request.layer is not None:
+            contributions = layer_integrated_gradients(request.model, x, baseline, request.objective(), request.layer, alphas, step_weights)
+            return layer_map(contributions, request)
         delta = x - baseline
         objective = request.objective()
         alpha_t = torch.from_numpy(alphas).float()
@@ -200,3 +226,36 @@ class IntegratedGradients(GradientMethod):
             _, gradient = request.model.input_gradient(points, objective[item])
             integrated.index_add_(0, item, gradient.double() * weight_t[step].view(-1, 1, 1, 1))
         return (delta.double() * integrated).sum(dim=1).float().numpy()
+
+
+def layer_integrated_gradients(
+    model: LoadedModel,
+    x: torch.Tensor,
+    baseline: torch.Tensor,
+    objective: torch.Tensor,
+    layer: str,
+    alphas: np.ndarray,
+    step_weights: np.ndarray,
+) -> torch.Tensor:
+    """IG at a layer (Captum's LayerIntegratedGradients): B x C x h x w contributions (A - A') * integral of the gradient.
+
+    The path runs straight from A', the layer's activation for the baseline input, to A, the activation for
+    x; each point is reached by adding (1 - alpha)(A' - A) at the layer through the program's probe, so the
+    layers before it run on x unchanged. The contributions sum to about f(A) - f(A') (completeness).
+    """
+    _, acts = model.forward(np.concatenate([x.numpy(), baseline.numpy()]).astype(np.float32), [layer])
+    both = torch.from_numpy(acts[layer])
+    activation, start = both[: len(x)], both[len(x) :]
+    difference = activation - start
+    steps = len(alphas)
+    alpha_t = torch.from_numpy(alphas).float()
+    weight_t = torch.from_numpy(step_weights)
+    rows = len(x) * steps
+    integrated = torch.zeros(difference.shape, dtype=torch.float64)
+    for begin in range(0, rows, model.max_batch):
+        index = torch.arange(begin, min(rows, begin + model.max_batch))
+        item, step = index // steps, index % steps
+        delta = -(1 - alpha_t[step]).view(-1, 1, 1, 1) * difference[item]
+        _, _, gradients = model.layers_gradient(x[item], objective[item], [layer], {layer: delta})
+        integrated.index_add_(0, item, gradients[layer].double() * weight_t[step].view(-1, 1, 1, 1))
+    return difference.double() * integrated
