@@ -90,22 +90,26 @@ def _shapes_eval(args: argparse.Namespace) -> int:
 
 
 def _lp_cam_prototypes(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from saliency_service.core.images import to_model_input
     from saliency_service.core.methods.lp_cam import build_prototypes, prototype_file
     from saliency_service.core.models.model import LoadedModel, RuntimeOptions
-    from saliency_service.shapes.generator import generate_batch, train_seeds
-    from saliency_service.shapes.network import preprocess
+    from saliency_service.shapes.generator import LABELS, generate_batch, train_seeds
 
-    if args.model != "shapes":
-        raise SystemExit(
-            "lp-cam-prototypes generates its images with the shapes generator, so it only serves the `shapes` model; for another "
-            "model call saliency_service.core.methods.lp_cam.build_prototypes(model, images, layer, k, labels=...) on its training images"
-        )
     folder = args.model_repository / args.model
     model = LoadedModel.load(folder, RuntimeOptions(prefer_cuda=False))
+    if tuple(model.config.labels) != tuple(LABELS):
+        raise SystemExit(
+            f"lp-cam-prototypes draws its images from the shapes generator, so it serves models with the generator's labels "
+            f"({', '.join(LABELS)}); model '{args.model}' has others: call saliency_service.core.methods.lp_cam.build_prototypes"
+            "(model, images, layer, k, labels=...) on its training images"
+        )
     layer: str = args.layer or model.config.default_layer or ""
     model.config.layer(layer)
     images, labels, _ = generate_batch(train_seeds(args.n, start=args.start))
-    prototypes = build_prototypes(model, preprocess(images).numpy(), layer, args.k, labels=labels, seed=args.seed)
+    decoded = [np.asarray(image, dtype=np.float32) / 255.0 for image in images]
+    prototypes = build_prototypes(model, to_model_input(decoded, model.config.input), layer, args.k, labels=labels, seed=args.seed)
     path = prototype_file(folder, layer)
     prototypes.save(path)
     classes = ", ".join(

@@ -74,6 +74,7 @@ def stop_server(running: RunningServer) -> None:
 def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repository")
     shutil.copytree(EMBEDDED_REPOSITORY / "shapes", root / "shapes")
+    shutil.copytree(EMBEDDED_REPOSITORY / "vit_shapes", root / "vit_shapes")
     broken = root / "broken"
     shutil.copytree(EMBEDDED_REPOSITORY / "shapes", broken)
     (broken / "config.json").write_text((broken / "config.json").read_text().replace('"name": "shapes"', '"name": "broken"'))

@@ -31,7 +31,7 @@ def _png(array: np.ndarray) -> bytes:
 
 def test_list_models_reports_ready_and_not_ready(client: SaliencyClient) -> None:
     models = {m.name: m for m in client.list_models()}
-    assert set(models) == {"shapes", "broken"}
+    assert set(models) == {"shapes", "vit_shapes", "broken"}
     shapes = models["shapes"]
     assert shapes.ready and shapes.reason == ""
     assert shapes.labels == LABELS
@@ -63,10 +63,12 @@ def test_list_methods_publishes_every_parameter(client: SaliencyClient) -> None:
         assert info.description, f"{info.name} has no description"
 
 
+@pytest.mark.parametrize("model", ["shapes", "vit_shapes"])
 @pytest.mark.parametrize("method", METHODS.names())
-def test_explain_each_method(client: SaliencyClient, samples: list[Sample], method: str) -> None:
+def test_explain_each_method(client: SaliencyClient, samples: list[Sample], method: str, model: str) -> None:
+    """Every method through the RPC on the CNN and on the ViT (token layers)."""
     sample = samples[1]
-    (explanation,) = client.explain("shapes", [sample.image], method=method, seed=3, params=LIGHT.get(method))
+    (explanation,) = client.explain(model, [sample.image], method=method, seed=3, params=LIGHT.get(method))
     assert explanation.saliency.shape == (128, 128)
     assert explanation.saliency.dtype == np.float32
     assert np.isfinite(explanation.saliency).all()
@@ -74,7 +76,7 @@ def test_explain_each_method(client: SaliencyClient, samples: list[Sample], meth
     assert explanation.label == LABELS[sample.label]
     assert math.isclose(float(explanation.probabilities.sum()), 1.0, rel_tol=1e-4)
     provenance = explanation.provenance
-    assert (provenance.model, provenance.method, provenance.seed) == ("shapes", method, 3)
+    assert (provenance.model, provenance.method, provenance.seed) == (model, method, 3)
     assert provenance.model_version
     assert "attribute" in provenance.timings_ms
     assert bool(provenance.layer) == METHODS.get(method).uses_layer

@@ -133,7 +133,7 @@ def _code(error: BaseException) -> grpc.StatusCode:
 
 def test_tls_with_the_right_token_works(tls_server: RunningServer, pki: Pki) -> None:
     with SaliencyClient(tls_server.address, credentials=grpc.ssl_channel_credentials(pki.ca), token=TOKEN, timeout=60) as client:
-        assert [m.name for m in client.list_models()] == ["broken", "shapes"]
+        assert [m.name for m in client.list_models()] == ["broken", "shapes", "vit_shapes"]
 
 
 def test_missing_token_is_unauthenticated_and_a_wrong_one_permission_denied(tls_server: RunningServer, pki: Pki) -> None:
