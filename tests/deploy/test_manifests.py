@@ -33,7 +33,7 @@ import saliency as saliency_pb
 import saliency_client
 import saliency_service
 from saliency_client import SaliencyClient
-from saliency_service.config import ENV_PREFIX, Settings
+from saliency_service.config import EMBEDDED_REPOSITORY, ENV_PREFIX, Settings
 from saliency_service.core.models.repository import ModelRepository
 from saliency_service.shapes.generator import HELDOUT_SEED_OFFSET, generate
 
@@ -370,7 +370,8 @@ def test_init_container_serves_embedded_and_store_models(init_script: str, store
     served = tmp_path / "models"
     served.mkdir()
     _run_init(init_script, served, store)
-    assert sorted(p.name for p in served.iterdir()) == ["extra", "shapes"]
+    embedded = [p.name for p in EMBEDDED_REPOSITORY.iterdir() if (p / "config.json").is_file()]
+    assert sorted(p.name for p in served.iterdir()) == sorted(["extra", *embedded])
     statuses = {s.name: s for s in ModelRepository(served).load_all()}
     assert statuses["shapes"].ready and statuses["extra"].ready, {n: s.reason for n, s in statuses.items()}
     assert statuses["extra"].config is not None and statuses["extra"].config.version == "7"
@@ -417,12 +418,16 @@ def test_pod_constraints_in_a_sandbox(store: Path, tmp_path: Path) -> None:
     volumes = {v["name"]: v for v in base.pod["volumes"]}
     mounts = {m["mountPath"]: m for m in base.server["volumeMounts"]}
     store_path = {e["name"]: e["value"] for e in base.init["env"]}["MODEL_STORE"]
-    sandbox = [bwrap, *_sandbox_binds()]
+    # The emptyDirs first: a checkout under /tmp (as CI's may be) is bound into the /tmp emptyDir after it exists,
+    # instead of being hidden by it.
+    sandbox = [bwrap]
+    for path, mount in sorted(mounts.items()):
+        if "emptyDir" in volumes[mount["name"]]:
+            sandbox += ["--tmpfs", path]
+    sandbox += _sandbox_binds()
     for path, mount in sorted(mounts.items()):
         if mount["name"] == "model-store":  # an empty placeholder in the base: the operator's volume goes here
             sandbox += ["--ro-bind", str(store), path]
-        elif "emptyDir" in volumes[mount["name"]]:
-            sandbox += ["--tmpfs", path]
     if "/tmp" not in mounts:
         sandbox += ["--dir", "/tmp"]  # the image has one, read-only like the rest of its root
     sandbox += ["--dev", "/dev", "--proc", "/proc", "--remount-ro", "/", "--unshare-user", "--uid", pod_user, "--gid", pod_user]
@@ -470,7 +475,9 @@ def test_pod_constraints_in_a_sandbox(store: Path, tmp_path: Path) -> None:
         image = generate(HELDOUT_SEED_OFFSET + 3).image
         with SaliencyClient(address, timeout=60) as client:
             models = {model.name: model for model in client.list_models()}
-            assert sorted(models) == ["extra", "shapes"], models
+            assert sorted(models) == sorted(["extra", *(p.name for p in EMBEDDED_REPOSITORY.iterdir() if (p / "config.json").is_file())]), (
+                models
+            )
             assert all(model.ready for model in models.values()), models
             for model in ("shapes", "extra"):
                 for method in ("grad_cam", "integrated_gradients"):
