@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from saliency_client import SaliencyClient
+from saliency_client import SaliencyClient, SaliencyError
 from saliency_service.shapes.generator import HELDOUT_SEED_OFFSET, LABELS, generate
 
 
@@ -133,10 +133,13 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(tmp_path: Path) -> None:
         assert "result" not in outcome, "the request finished too soon to test draining; make it longer"
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
-        with pytest.raises(grpc.RpcError) as refused:
-            with grpc.insecure_channel(server.address) as channel:
-                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-        assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        # While the long request drains, health says NOT_SERVING and a new call is refused with a reason.
+        with grpc.insecure_channel(server.address) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with SaliencyClient(server.address, timeout=10) as client, pytest.raises(SaliencyError) as refused:
+            client.list_models()
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE and refused.value.reason == "SHUTTING_DOWN", refused.value
         worker.join(timeout=120)
         assert "error" not in outcome, outcome.get("error")
         assert len(outcome["result"]) == 4  # type: ignore[arg-type]

@@ -55,7 +55,7 @@ COVERED_ELSEWHERE = [
     "covered elsewhere (run by `make test`, not repeated here):",
     "  truncated ONNX -> NOT READY, per-model health, ModelReady: tests/api/test_rpcs.py, test_oip.py, test_health_reflection_metrics.py",
     "  workers + max_queue full -> RESOURCE_EXHAUSTED SERVER_BUSY at once; Explain deadline; compute cap: tests/api/test_limits.py",
-    "  one long request drained on SIGTERM, exit 0, health refused: tests/e2e/test_serve_process.py",
+    "  one long request drained on SIGTERM (NOT_SERVING, new calls SHUTTING_DOWN), exit 0: tests/e2e/test_serve_process.py",
     "  bad TLS / token settings refused at start: tests/api/test_security.py; bad input per field: tests/api/test_bad_input.py",
 ]
 

@@ -1,4 +1,5 @@
-"""One server interceptor at the seam: bearer-token check, request metrics, the message-size cap, and error mapping."""
+"""One server interceptor at the seam: bearer-token check, admission while draining, request metrics, the message-size
+cap, and error mapping."""
 
 from __future__ import annotations
 
@@ -13,12 +14,72 @@ import grpc
 from grpc.aio import ServerInterceptor
 
 from saliency_service.api.errors import status_code, to_status
-from saliency_service.core.errors import Internal, InvalidArgument, PermissionDenied, ResourceExhausted, SaliencyError, Unauthenticated
+from saliency_service.core.errors import (
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    SaliencyError,
+    Unauthenticated,
+    Unavailable,
+)
 from saliency_service.observability import metrics
 
 log = logging.getLogger(__name__)
 SERVICE_PREFIXES = ("/saliency.v1.SaliencyService/", "/inference.GRPCInferenceService/")
 UNKNOWN = "unknown"
+
+
+class AdmissionGate:
+    """Admits calls while open and counts those running, so that shutdown can drain before the transport stops.
+
+    Closing the gate first, while the transport still accepts connections, means that every call that
+    reaches the server after SIGTERM is answered UNAVAILABLE with a reason, health answers NOT_SERVING,
+    and the transport is stopped only once nothing admitted is still running and no call has arrived for
+    a short quiet period. Stopping the transport while calls still arrive lets grpc answer those that
+    had not reached a handler yet with CANCELLED instead of UNAVAILABLE (grpc/grpc issue 41785), and a
+    client treats CANCELLED as its own doing, not as a reason to retry elsewhere.
+    """
+
+    def __init__(self) -> None:
+        self.open = False
+        self.last_arrival = 0.0
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def enter(self) -> None:
+        """Admit one call, or raise UNAVAILABLE when the server is shutting down."""
+        self.last_arrival = time.monotonic()
+        if not self.open:
+            raise Unavailable(
+                "SHUTTING_DOWN", "the server is shutting down and takes no new calls; retry, and the call goes to another replica"
+            )
+        self._running += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
+
+    async def drained(self, timeout: float, quiet: float = 0.5) -> bool:
+        """Wait until no admitted call is running and none has arrived for `quiet` seconds.
+
+        False when `timeout` seconds pass first with admitted calls still running.
+        """
+        end = time.monotonic() + timeout
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        while (wait := min(self.last_arrival + quiet, end) - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        return True
 
 
 class SaliencyInterceptor(ServerInterceptor):
@@ -30,8 +91,10 @@ class SaliencyInterceptor(ServerInterceptor):
         known_models: Callable[[], Collection[str]],
         known_methods: Callable[[], Collection[str]],
         tokens: Collection[str] = (),
+        gate: AdmissionGate | None = None,
     ) -> None:
         self.max_message_bytes = max_message_bytes
+        self.gate = gate
         self._models = known_models
         self._methods = known_methods
         self._tokens = [token.encode() for token in tokens]
@@ -66,9 +129,13 @@ class SaliencyInterceptor(ServerInterceptor):
             failure: SaliencyError | None = None
             start = time.perf_counter()
             metrics.IN_FLIGHT.labels(rpc).inc()
+            admitted = False
             try:
                 if credentials is not None:
                     raise credentials
+                if self.gate is not None:
+                    self.gate.enter()
+                    admitted = True
                 size = request.ByteSize()
                 if size > self.max_message_bytes:
                     raise ResourceExhausted(
@@ -94,6 +161,8 @@ class SaliencyInterceptor(ServerInterceptor):
                 if failure is not None:
                     code = status_code(failure)
                 metrics.IN_FLIGHT.labels(rpc).dec()
+                if admitted:
+                    self.gate.leave()  # type: ignore[union-attr]
                 metrics.REQUESTS.labels(rpc, model, method, code.name).inc()
                 metrics.REQUEST_SECONDS.labels(rpc, model, method).observe(time.perf_counter() - start)
             await context.abort_with_status(to_status(failure))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from saliency.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from saliency.v1 import saliency_service_pb2 as pb
 from saliency.v1 import saliency_service_pb2_grpc as pb_grpc
-from saliency_service.api.interceptors import SaliencyInterceptor
+from saliency_service.api.interceptors import AdmissionGate, SaliencyInterceptor
 from saliency_service.api.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from saliency_service.api.oip import InferenceServicer
 from saliency_service.api.servicer import SaliencyServicer
@@ -59,7 +60,7 @@ class SaliencyServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
-        self._accepting = False
+        self.gate = AdmissionGate()
 
     async def start(self) -> int:
         """Load the repository, bind, and start serving; returns the bound port."""
@@ -68,7 +69,7 @@ class SaliencyServer:
         known_models = frozenset(status.name for status in statuses)
         server = grpc.aio.server(
             interceptors=[SaliencyInterceptor(
-                    self.settings.max_message_bytes, lambda: known_models, lambda: known_methods, tokens=self.auth_tokens
+                    self.settings.max_message_bytes, lambda: known_models, lambda: known_methods, tokens=self.auth_tokens, gate=self.gate
                 )],
             options=[
                 # The transport cap is a backstop at twice the application cap, so that most oversized
@@ -78,7 +79,7 @@ class SaliencyServer:
             ],
         )
         pb_grpc.add_SaliencyServiceServicer_to_server(SaliencyServicer(self.engine, self.pool), server)
-        inference = InferenceServicer(self.repository, self.pool, self.engine.limits, lambda: self._accepting)
+        inference = InferenceServicer(self.repository, self.pool, self.engine.limits, lambda: self.gate.open)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -107,16 +108,25 @@ class SaliencyServer:
                 log.warning("model %s is NOT READY: %s", status.name, status.reason)
         await self.health.set(SERVICE_NAME, serving)
         await self.health.set(OVERALL, serving)
-        self._accepting = True
+        self.gate.open = True
         log.info("serving on port %d with %d model(s) ready of %d", self.port, sum(s.ready for s in statuses), len(statuses))
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
-        self._accepting = False
+        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period.
+
+        The transport keeps running while the admitted calls drain, so a call that arrives meanwhile gets
+        UNAVAILABLE SHUTTING_DOWN and health answers NOT_SERVING; the transport stops once they are done,
+        and whatever is still running when the grace period ends is cancelled.
+        """
+        grace = self.settings.grace_seconds if grace is None else grace
+        started = time.monotonic()
+        self.gate.open = False
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(self.settings.grace_seconds if grace is None else grace)
+            if not await self.gate.drained(grace):
+                log.warning("%d call(s) still running after the %.0f s grace period are cancelled", self.gate.running, grace)
+            await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
