@@ -308,6 +308,24 @@ CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.Sta
         INVALID,
         "BASELINE_MISSING",
     ),
+    "unknown metric, streamed": (
+        lambda s: list(s.ScoreStream(pb.ScoreRequest(model="shapes", metric="accuracy", method="grad_cam", images=[_tensor(GOOD)]))),
+        NOT_FOUND,
+        "UNKNOWN_METRIC",
+    ),
+    "masks for a metric that uses none": (
+        lambda s: s.Score(
+            pb.ScoreRequest(
+                model="shapes",
+                metric="deletion",
+                method="grad_cam",
+                images=[_tensor(GOOD)],
+                masks=[_tensor(np.ones((4, 4), np.uint8), pb.DATA_TYPE_UINT8).tensor],
+            )
+        ),
+        INVALID,
+        "MASKS_NOT_USED",
+    ),
     "empty baseline": (
         lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", baselines=[pb.Image()], images=[_tensor(GOOD)])),
         INVALID,

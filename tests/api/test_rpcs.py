@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saliency_client import AsyncSaliencyClient, SaliencyClient
+from saliency_client import AsyncSaliencyClient, Progress, SaliencyClient
 from saliency_service.core.methods import METHODS
 from saliency_service.shapes.generator import LABELS, Sample
 
@@ -119,6 +119,29 @@ def test_score_deletion_and_insertion(client: SaliencyClient, samples: list[Samp
     for result in insertion:
         assert len(result.curve) == 128 * 128 // 256 + 1
         assert result.params["step"] == 256
+
+
+def test_score_streams_progress_then_the_same_results_as_score(client: SaliencyClient, samples: list[Sample]) -> None:
+    images = [s.image for s in samples[:2]]
+    seen: list[Progress] = []
+    streamed = client.score("shapes", images, method="grad_cam", metric="deletion", params={"step": 16}, progress=seen.append)
+    plain = client.score("shapes", images, method="grad_cam", metric="deletion", params={"step": 16})
+    assert [r.value for r in streamed] == pytest.approx([r.value for r in plain])
+    assert seen, "no progress arrived"
+    assert all(p.stage == "perturbation passes" and 0 < p.done <= p.total for p in seen)
+    assert [p.done for p in seen] == sorted(p.done for p in seen)
+    assert seen[-1].done == seen[-1].total == 2 * (128 * 128 // 16 + 1)
+    # The curve's x axis: the share of pixels removed at each point.
+    assert streamed[0].curve_x[0] == 0.0 and streamed[0].curve_x[-1] == 1.0
+    assert len(streamed[0].curve_x) == len(streamed[0].curve)
+    assert np.allclose(np.diff(streamed[0].curve_x), 16 / (128 * 128))
+
+
+async def test_async_client_streams_score_progress(address: str, samples: list[Sample]) -> None:
+    seen: list[Progress] = []
+    async with AsyncSaliencyClient(address, timeout=60) as client:
+        results = await client.score("shapes", [samples[0].image], metric="insertion", params={"step": 64}, progress=seen.append)
+    assert len(results) == 1 and seen and seen[-1].done == seen[-1].total
 
 
 def test_score_a_supplied_map_ranks_a_good_map_above_its_inverse(client: SaliencyClient, samples: list[Sample]) -> None:

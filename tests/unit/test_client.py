@@ -153,6 +153,7 @@ def test_public_surface_is_pinned() -> None:
         "NotFoundError",
         "ParameterInfo",
         "PermissionDeniedError",
+        "Progress",
         "Provenance",
         "ResourceExhaustedError",
         "SaliencyClient",

@@ -19,8 +19,8 @@ from saliency.v1 import saliency_service_pb2_grpc as pb_grpc
 
 from . import _codec
 from ._codec import Images, SaliencyMaps, TargetLike
-from ._errors import map_rpc_errors
-from ._types import Explanation, MethodCatalog, ModelInfo, ScoreResult, Verbalization
+from ._errors import UnavailableError, map_rpc_errors
+from ._types import Explanation, MethodCatalog, ModelInfo, Progress, ScoreResult, Verbalization
 
 _MiB = 1024 * 1024
 # Batches of camera-sized images and their float32 maps outgrow gRPC's 4 MiB receive default.
@@ -29,7 +29,7 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     "grpc.max_receive_message_length": 64 * _MiB,
 }
 
-_Rpc = Literal["Explain", "Score", "Verbalize", "ListModels", "GetModel", "ListMethods"]
+_Rpc = Literal["Explain", "Score", "ScoreStream", "Verbalize", "ListModels", "GetModel", "ListMethods"]
 _Response = TypeVar("_Response", bound=Message)
 _Result = TypeVar("_Result")
 
@@ -137,12 +137,27 @@ class SaliencyClient:
         layers: Sequence[str] | None = None,
         foil: TargetLike = None,
         baselines: Images | None = None,
+        masks: SaliencyMaps | None = None,
         seed: int = 0,
+        progress: Callable[[Progress], None] | None = None,
     ) -> list[ScoreResult]:
-        """Score `method`'s maps (or the caller's `saliency` maps) by `metric`; `params` are the metric's."""
+        """Score `method`'s maps (or the caller's `saliency` maps) by `metric`; `params` are the metric's.
+
+        `masks`: ground-truth masks (nonzero on the object), one per image, for the localisation metrics.
+        `progress`: called with each `Progress` the server streams while it works (ScoreStream).
+        """
         request = _codec.score_request(model, images, method, metric, target, params, method_params, saliency, layer, seed)
         _codec.add_method_options(request, foil, layers, baselines)
-        return self._call("Score", request, _codec.score_results)
+        request.masks.extend(_codec.mask_messages(masks))
+        if progress is None:
+            return self._call("Score", request, _codec.score_results)
+        with map_rpc_errors():
+            for event in self._connection.invoke("ScoreStream", request):
+                if event.HasField("progress"):
+                    progress(_codec.progress(event.progress))
+                else:
+                    return _codec.score_results(event.response)
+        raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "", "the server ended the Score stream without a response")
 
     def verbalize(
         self,
@@ -256,12 +271,27 @@ class AsyncSaliencyClient:
         layers: Sequence[str] | None = None,
         foil: TargetLike = None,
         baselines: Images | None = None,
+        masks: SaliencyMaps | None = None,
         seed: int = 0,
+        progress: Callable[[Progress], None] | None = None,
     ) -> list[ScoreResult]:
-        """Score `method`'s maps (or the caller's `saliency` maps) by `metric`; `params` are the metric's."""
+        """Score `method`'s maps (or the caller's `saliency` maps) by `metric`; `params` are the metric's.
+
+        `masks`: ground-truth masks (nonzero on the object), one per image, for the localisation metrics.
+        `progress`: called with each `Progress` the server streams while it works (ScoreStream).
+        """
         request = _codec.score_request(model, images, method, metric, target, params, method_params, saliency, layer, seed)
         _codec.add_method_options(request, foil, layers, baselines)
-        return await self._call("Score", request, _codec.score_results)
+        request.masks.extend(_codec.mask_messages(masks))
+        if progress is None:
+            return await self._call("Score", request, _codec.score_results)
+        with map_rpc_errors():
+            async for event in self._connection.invoke("ScoreStream", request):
+                if event.HasField("progress"):
+                    progress(_codec.progress(event.progress))
+                else:
+                    return _codec.score_results(event.response)
+        raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "", "the server ended the Score stream without a response")
 
     async def verbalize(
         self,

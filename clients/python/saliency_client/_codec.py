@@ -28,6 +28,7 @@ from ._types import (
     ModelInfo,
     ParameterInfo,
     ParameterType,
+    Progress,
     Provenance,
     ScoreResult,
     Verbalization,
@@ -134,6 +135,21 @@ def saliency_messages(saliency: SaliencyMaps | None) -> list[pb.Tensor]:
         return []
     items = _one_or_many(saliency, (np.ndarray,), "saliency", "a height x width array")
     return [saliency_message(item, f"saliency[{i}]") for i, item in enumerate(items)]
+
+
+def mask_messages(masks: SaliencyMaps | None) -> list[pb.Tensor]:
+    """Ground-truth masks (one or a sequence of height x width bool/integer/float arrays) as uint8 `Tensor`s."""
+    if masks is None:
+        return []
+    items = _one_or_many(masks, (np.ndarray,), "masks", "a height x width array")
+    messages = []
+    for i, mask in enumerate(items):
+        if not isinstance(mask, np.ndarray):
+            raise TypeError(f"masks[{i}]: expected a numpy array (height x width), got {type(mask).__name__}")
+        if mask.ndim != 2 or mask.size == 0:
+            raise ValueError(f"masks[{i}]: shape {mask.shape} is not a non-empty height x width mask")
+        messages.append(_tensor((mask != 0).astype(np.uint8), pb.DATA_TYPE_UINT8, np.dtype(np.uint8)))
+    return messages
 
 
 # --- small values --------------------------------------------------------------------------------
@@ -333,9 +349,16 @@ def score_results(response: pb.ScoreResponse) -> list[ScoreResult]:
             higher_is_better=r.higher_is_better,
             params=struct_to_dict(r.metric_params),
             provenance=provenance(r.provenance),
+            curve_x=_read_only(np.array(r.curve_x, dtype=np.float64)),
+            components=dict(r.components),
+            maps=tuple(array_from_tensor(m) for m in r.maps),
         )
         for r in response.results
     ]
+
+
+def progress(message: pb.Progress) -> Progress:
+    return Progress(stage=message.stage, done=message.done, total=message.total)
 
 
 def verbalizations(response: pb.VerbalizeResponse) -> list[Verbalization]:
@@ -343,7 +366,10 @@ def verbalizations(response: pb.VerbalizeResponse) -> list[Verbalization]:
     return [
         Verbalization(
             text=v.text,
-            facts=tuple(Fact(region=f.region, share=f.share, sign=f.sign, rank=f.rank) for f in v.facts),
+            facts=tuple(
+                Fact(region=f.region, share=f.share, sign=f.sign, rank=f.rank, kind=f.kind, value=f.value, start=f.start, end=f.end)
+                for f in v.facts
+            ),
             template=v.template,
             provenance=provenance(v.provenance) if v.HasField("provenance") else None,
         )

@@ -73,6 +73,22 @@ class ScoreResult:
     params: dict[str, Any]
     #: Provenance of the scored map.
     provenance: Provenance
+    #: The x of each curve point (e.g. the share of pixels removed); empty when there is no curve.
+    curve_x: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    #: Named parts of the value where the metric has several (e.g. ROAD's "morf" and "lerf").
+    components: dict[str, float] = field(default_factory=dict)
+    #: Images the metric returns (float32 height x width), e.g. AggAtt's aggregate maps.
+    maps: tuple[npt.NDArray[np.float32], ...] = ()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a long Score has come (`SaliencyClient.score(..., progress=callback)`)."""
+
+    #: What is running, e.g. "perturbation passes".
+    stage: str
+    done: int
+    total: int
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,14 @@ class Fact:
     sign: str
     #: 0 for the region holding the most evidence.
     rank: int
+    #: What the fact is about: "region", "component", "token", "span", "prediction", "correctness", "contrast"
+    #: ("" from a server that does not say).
+    kind: str = ""
+    #: The number stated where it is not a share (e.g. a probability).
+    value: float = 0.0
+    #: Token facts: the span [start, end) in token positions.
+    start: int = 0
+    end: int = 0
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,12 @@ from saliency_service.core.types import (
     EncodedImage,
     Explanation,
     ImageInput,
+    NamedRegion,
     Provenance,
     RawTensor,
     ScoreResult,
     TargetRequest,
+    TokenAttributions,
     Verbalization,
 )
 from saliency_service.core.verbalize.base import Template
@@ -108,6 +110,7 @@ def score_job(request: pb.ScoreRequest) -> ScoreJob:
         foil=_target(request.foil, request.HasField("foil")),
         layers=list(request.layers),
         baselines=_images(request.baselines, "baseline"),
+        masks=[_tensor(t) for t in request.masks],
     )
 
 
@@ -126,6 +129,12 @@ def verbalize_job(request: pb.VerbalizeRequest) -> VerbalizeJob:
         foil=_target(request.foil, request.HasField("foil")),
         layers=list(request.layers),
         baselines=_images(request.baselines, "baseline"),
+        tokens=[TokenAttributions(tuple(t.tokens), tuple(t.attributions)) for t in request.tokens],
+        labels=[label for label in (_target(m, True) for m in request.labels) if label is not None],
+        regions=[[NamedRegion(r.name, _tensor(r.mask)) for r in region_set.regions] for region_set in request.regions],
+        detail=request.detail,
+        style=request.style,
+        custom_templates=dict(request.custom_templates),
     )
 
 
@@ -188,10 +197,17 @@ def score_response(results: Sequence[ScoreResult]) -> pb.ScoreResponse:
                 higher_is_better=r.higher_is_better,
                 metric_params=_struct(r.params),
                 provenance=provenance(r.provenance),
+                curve_x=np.asarray(r.curve_x, dtype=np.float64).tolist(),
+                components=dict(r.components),
+                maps=[float_tensor(m) for m in r.maps],
             )
             for r in results
         ]
     )
+
+
+def score_progress(stage: str, done: int, total: int) -> pb.ScoreEvent:
+    return pb.ScoreEvent(progress=pb.Progress(stage=stage, done=done, total=total))
 
 
 def verbalize_response(items: Sequence[Verbalization]) -> pb.VerbalizeResponse:
@@ -199,7 +215,10 @@ def verbalize_response(items: Sequence[Verbalization]) -> pb.VerbalizeResponse:
         verbalizations=[
             pb.Verbalization(
                 text=v.text,
-                facts=[pb.Fact(region=f.region, share=f.share, sign=f.sign, rank=f.rank) for f in v.facts],
+                facts=[
+                    pb.Fact(region=f.region, share=f.share, sign=f.sign, rank=f.rank, kind=f.kind, value=f.value, start=f.start, end=f.end)
+                    for f in v.facts
+                ],
                 template=v.template,
                 provenance=provenance(v.provenance) if v.provenance is not None else None,
             )

@@ -7,7 +7,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
@@ -28,6 +28,7 @@ from saliency_service.observability import metrics
 log = logging.getLogger(__name__)
 SERVICE_PREFIXES = ("/saliency.v1.SaliencyService/", "/inference.GRPCInferenceService/")
 UNKNOWN = "unknown"
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class AdmissionGate:
@@ -83,7 +84,7 @@ class AdmissionGate:
 
 
 class SaliencyInterceptor(ServerInterceptor):
-    """Wraps every SaliencyService unary handler; health and reflection pass through untouched."""
+    """Wraps every SaliencyService and inference handler (unary and server-streaming); health and reflection pass through."""
 
     def __init__(
         self,
@@ -105,71 +106,103 @@ class SaliencyInterceptor(ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(SERVICE_PREFIXES) or handler.unary_unary is None:
+        if handler is None or not details.method.startswith(SERVICE_PREFIXES):
             return handler
         rpc = details.method.rsplit("/", 1)[-1]
-        inner = handler.unary_unary
-        deserialize = handler.request_deserializer
         credentials = self._credentials(details)
+        deserialize = handler.request_deserializer
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
 
-        async def behavior(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            # grpc answers a request it cannot parse with UNKNOWN and no ErrorInfo; parse here instead.
-            try:
-                request: Any = deserialize(raw) if deserialize is not None else raw
-            except Exception:
-                await context.abort_with_status(
-                    to_status(InvalidArgument("MALFORMED_REQUEST", f"the request is not a valid serialized {rpc} request message"))
+            async def one(request: Any, context: Context) -> AsyncIterator[Any]:
+                yield await unary(request, context)  # type: ignore[arg-type]  # grpc's stubs type handlers as sync
+
+            async def behavior(raw: bytes, context: Context) -> Any:
+                responses = [r async for r in self._guarded(rpc, credentials, deserialize, one, raw, context)]
+                return responses[0]
+
+            return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=None, response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            def many(request: Any, context: Context) -> AsyncIterator[Any]:
+                return stream(request, context)  # type: ignore[arg-type, return-value]  # grpc.aio: an async generator
+
+            async def streaming(raw: bytes, context: Context) -> AsyncIterator[Any]:
+                # An async generator function itself: grpc.aio tells streaming handlers by that.
+                async for response in self._guarded(rpc, credentials, deserialize, many, raw, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                streaming, request_deserializer=None, response_serializer=handler.response_serializer
+            )
+        return handler
+
+    async def _guarded(
+        self,
+        rpc: str,
+        credentials: SaliencyError | None,
+        deserialize: Callable[[bytes], Any] | None,
+        inner: Callable[[Any, Context], AsyncIterator[Any]],
+        raw: bytes,
+        context: Context,
+    ) -> AsyncIterator[Any]:
+        """Parse, check credentials, admission and size, run `inner`, count it, and map errors to statuses."""
+        # grpc answers a request it cannot parse with UNKNOWN and no ErrorInfo; parse here instead.
+        try:
+            request: Any = deserialize(raw) if deserialize is not None else raw
+        except Exception:
+            await context.abort_with_status(
+                to_status(InvalidArgument("MALFORMED_REQUEST", f"the request is not a valid serialized {rpc} request message"))
+            )
+        # SaliencyService names the model `model`; the Open Inference Protocol `model_name` or `name`.
+        model = getattr(request, "model", "") or getattr(request, "model_name", "") or getattr(request, "name", "") or ""
+        model = model if model in self._models() else (UNKNOWN if model else "")
+        method = getattr(request, "method", "") or getattr(request, "metric", "") or ""
+        method = method if method in self._methods() else (UNKNOWN if method else "")
+        code = grpc.StatusCode.OK
+        failure: SaliencyError | None = None
+        start = time.perf_counter()
+        metrics.IN_FLIGHT.labels(rpc).inc()
+        admitted = False
+        try:
+            if credentials is not None:
+                raise credentials
+            if self.gate is not None:
+                self.gate.enter()
+                admitted = True
+            size = request.ByteSize()
+            if size > self.max_message_bytes:
+                raise ResourceExhausted(
+                    "MESSAGE_TOO_LARGE",
+                    f"the request is {size} bytes; the server accepts at most {self.max_message_bytes} "
+                    "(max_message_bytes): send fewer or smaller images",
+                    {"limit": self.max_message_bytes, "size": size},
                 )
-            # SaliencyService names the model `model`; the Open Inference Protocol `model_name` or `name`.
-            model = getattr(request, "model", "") or getattr(request, "model_name", "") or getattr(request, "name", "") or ""
-            model = model if model in self._models() else (UNKNOWN if model else "")
-            method = getattr(request, "method", "") or getattr(request, "metric", "") or ""
-            method = method if method in self._methods() else (UNKNOWN if method else "")
-            code = grpc.StatusCode.OK
-            failure: SaliencyError | None = None
-            start = time.perf_counter()
-            metrics.IN_FLIGHT.labels(rpc).inc()
-            admitted = False
-            try:
-                if credentials is not None:
-                    raise credentials
-                if self.gate is not None:
-                    self.gate.enter()
-                    admitted = True
-                size = request.ByteSize()
-                if size > self.max_message_bytes:
-                    raise ResourceExhausted(
-                        "MESSAGE_TOO_LARGE",
-                        f"the request is {size} bytes; the server accepts at most {self.max_message_bytes} "
-                        "(max_message_bytes): send fewer or smaller images",
-                        {"limit": self.max_message_bytes, "size": size},
-                    )
-                return await inner(request, context)  # type: ignore[arg-type]  # grpc's stubs type handlers as sync
-            except SaliencyError as error:
-                failure = error
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except Exception:
-                log.exception("unexpected error in %s", rpc)
-                failure = Internal("INTERNAL", "the server failed unexpectedly; the error is logged")
-            finally:
-                # Recorded before the status is sent, so a client that sees the status also sees the count.
-                if failure is not None:
-                    code = status_code(failure)
-                metrics.IN_FLIGHT.labels(rpc).dec()
-                if admitted:
-                    self.gate.leave()  # type: ignore[union-attr]
-                metrics.REQUESTS.labels(rpc, model, method, code.name).inc()
-                metrics.REQUEST_SECONDS.labels(rpc, model, method).observe(time.perf_counter() - start)
-            await context.abort_with_status(to_status(failure))
-
-        return grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=None, response_serializer=handler.response_serializer
-        )
+            async for response in inner(request, context):
+                yield response
+            return
+        except SaliencyError as error:
+            failure = error
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", rpc)
+            failure = Internal("INTERNAL", "the server failed unexpectedly; the error is logged")
+        finally:
+            # Recorded before the status is sent, so a client that sees the status also sees the count.
+            if failure is not None:
+                code = status_code(failure)
+            metrics.IN_FLIGHT.labels(rpc).dec()
+            if admitted:
+                self.gate.leave()  # type: ignore[union-attr]
+            metrics.REQUESTS.labels(rpc, model, method, code.name).inc()
+            metrics.REQUEST_SECONDS.labels(rpc, model, method).observe(time.perf_counter() - start)
+        await context.abort_with_status(to_status(failure))
 
     def _credentials(self, details: grpc.HandlerCallDetails) -> SaliencyError | None:
         """None when the call may proceed; else the error to answer with (checked before anything else runs)."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -16,6 +19,7 @@ from saliency_service.core.metrics import METRICS
 from saliency_service.core.verbalize import TEMPLATES
 
 Context = grpc.aio.ServicerContext[Any, Any]
+PROGRESS_SECONDS = 0.1
 
 
 class SaliencyServicer(pb_grpc.SaliencyServiceServicer):
@@ -31,6 +35,34 @@ class SaliencyServicer(pb_grpc.SaliencyServiceServicer):
     async def Score(self, request: pb.ScoreRequest, context: Context) -> pb.ScoreResponse:
         job = codec.score_job(request)
         return codec.score_response(await self.pool.run("Score", lambda: self.engine.score(job), context, len(job.images)))
+
+    async def ScoreStream(self, request: pb.ScoreRequest, context: Context) -> AsyncIterator[pb.ScoreEvent]:
+        """Score, with progress events from the worker while it runs (at most every PROGRESS_SECONDS)."""
+        job = codec.score_job(request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[pb.ScoreEvent] = asyncio.Queue()
+        last = [0.0]
+
+        def progress(stage: str, done: int, total: int) -> None:  # runs in the worker thread
+            now = time.monotonic()
+            if done >= total or now - last[0] >= PROGRESS_SECONDS:
+                last[0] = now
+                loop.call_soon_threadsafe(events.put_nowait, codec.score_progress(stage, done, total))
+
+        work = asyncio.ensure_future(self.pool.run("ScoreStream", lambda: self.engine.score(job, progress), context, len(job.images)))
+        try:
+            while not work.done():
+                waiter = asyncio.ensure_future(events.get())
+                await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield waiter.result()
+                else:
+                    waiter.cancel()
+            while not events.empty():
+                yield events.get_nowait()
+            yield pb.ScoreEvent(response=codec.score_response(work.result()))
+        finally:
+            work.cancel()  # the caller went away: cancel the budget so the worker stops after its current pass
 
     async def Verbalize(self, request: pb.VerbalizeRequest, context: Context) -> pb.VerbalizeResponse:
         job = codec.verbalize_job(request)

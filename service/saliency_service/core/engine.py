@@ -15,19 +15,31 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from saliency_service.core.errors import InvalidArgument
-from saliency_service.core.images import ImageLimits, check_batch, decode_image, decode_map, resize_map, to_model_input
+from saliency_service.core.images import (
+    ImageLimits,
+    check_batch,
+    decode_image,
+    decode_map,
+    decode_mask,
+    resize_map,
+    resize_mask,
+    to_model_input,
+)
 from saliency_service.core.methods import METHODS, MethodInput, SaliencyMethod
-from saliency_service.core.metrics import METRICS, MetricInput
+from saliency_service.core.metrics import METRICS, MetricInput, ScoreMetric
+from saliency_service.core.metrics.base import ProgressFn, no_progress
 from saliency_service.core.models.model import LoadedModel
 from saliency_service.core.models.repository import ModelRepository
 from saliency_service.core.params import ParamValue, resolve_params
 from saliency_service.core.types import (
     Explanation,
     ImageInput,
+    NamedRegion,
     Provenance,
     RawTensor,
     ScoreResult,
     TargetRequest,
+    TokenAttributions,
     Verbalization,
 )
 from saliency_service.core.verbalize import TEMPLATES, VerbalizeInput
@@ -65,6 +77,7 @@ class ScoreJob:
     foil: TargetRequest | None = None
     layers: Sequence[str] = ()
     baselines: Sequence[ImageInput] = ()
+    masks: Sequence[RawTensor] = ()
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,14 @@ class VerbalizeJob:
     foil: TargetRequest | None = None
     layers: Sequence[str] = ()
     baselines: Sequence[ImageInput] = ()
+    tokens: Sequence[TokenAttributions] = ()
+    labels: Sequence[TargetRequest] = ()
+    """The true class per image (one shared, or one per image), for the correctness line."""
+    regions: Sequence[Sequence[NamedRegion]] = ()
+    """Caller-named regions: one set shared by every image, or one set per image."""
+    detail: str = ""
+    style: str = ""
+    custom_templates: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -175,14 +196,33 @@ class Engine:
             for i, (h, w) in enumerate(batch.sizes)
         ]
 
-    def score(self, job: ScoreJob) -> list[ScoreResult]:
+    def score(self, job: ScoreJob, progress: ProgressFn = no_progress) -> list[ScoreResult]:
+        """Score every image's map; `progress(stage, done, total)` hears how far long metrics have come."""
         timer = _Timer()
         model = self.repository.get(job.model)
         metric_cls = METRICS.get(job.metric)
         metric_params = resolve_params(metric_cls.params, job.metric_params, f"metric '{job.metric}'")
-        batch, made = self._maps_for(model, job.images, job.saliency, _MethodCall.of(job), timer)
+        self._check_metric_needs(metric_cls, job)
+        call = _MethodCall.of(job)
+        batch, made = self._maps_for(model, job.images, job.saliency, call, timer)
+        masks = self._masks(model, job.masks, len(job.images)) if job.masks else None
+        explain = None
+        if job.method:
+            resolved = self._resolve_method(model, call)
+            baseline = self._baselines(model, call.baselines, len(job.images))
+
+            def explain(x: np.ndarray, targets: np.ndarray, other: LoadedModel | None = None) -> np.ndarray:
+                again = _Batch([], x, np.zeros(0), np.zeros(0), np.asarray(targets, dtype=np.int64), batch.foil)
+                base = baseline
+                if base is not None and len(base) != len(x):
+                    base = np.repeat(base, len(x) // len(base), axis=0)  # k copies per item, item-major
+                return self._attribute(other or model, resolved, again, base, job.seed, _Timer()).maps
+
+        foils = None if batch.foil is None else np.full(len(batch.targets), batch.foil, dtype=np.int64)
         with timer.stage("score"):
-            values = metric_cls().score(MetricInput(model, batch.x, made.maps, batch.targets, metric_params, job.seed))
+            values = metric_cls().score(
+                MetricInput(model, batch.x, made.maps, batch.targets, metric_params, job.seed, masks, explain, foils, progress)
+            )
         provenance = self._provenance(model, made, batch, job.seed, timer)
         labels = model.config.labels
         return [
@@ -195,9 +235,44 @@ class Engine:
                 params=metric_params,
                 higher_is_better=metric_cls.higher_is_better,
                 provenance=provenance,
+                curve_x=value.curve_x,
+                components=value.components,
+                maps=value.maps,
             )
             for i, value in enumerate(values)
         ]
+
+    @staticmethod
+    def _check_metric_needs(metric_cls: type[ScoreMetric], job: ScoreJob) -> None:
+        name = metric_cls.name
+        if metric_cls.needs_masks and not job.masks:
+            raise InvalidArgument(
+                "MASKS_REQUIRED",
+                f"metric '{name}' measures localisation against a ground truth: send `masks`, one per image (nonzero on the object)",
+                {"metric": name},
+            )
+        if job.masks and not metric_cls.needs_masks:
+            users = [m for m in METRICS.names() if METRICS.get(m).needs_masks]
+            raise InvalidArgument(
+                "MASKS_NOT_USED",
+                f"metric '{name}' does not use ground-truth masks; drop `masks` or use one of: {', '.join(users) or 'none'}",
+                {"metric": name},
+            )
+        if metric_cls.needs_method and not job.method:
+            raise InvalidArgument(
+                "METHOD_REQUIRED_FOR_METRIC",
+                f"metric '{name}' re-explains (other inputs, classes or a changed model), so it needs the method, not a finished map: "
+                "send `method` (and its parameters) instead of `saliency`",
+                {"metric": name},
+            )
+
+    def _masks(self, model: LoadedModel, masks: Sequence[RawTensor], count: int) -> np.ndarray:
+        """Ground-truth masks at the model's input resolution, one per image."""
+        if len(masks) != count:
+            raise InvalidArgument("MASK_COUNT_MISMATCH", f"{len(masks)} masks for {count} images; send one mask per image")
+        check_batch(masks, self.limits, "masks")
+        spec = model.config.input
+        return np.stack([resize_mask(decode_mask(tensor, i, self.limits), spec.height, spec.width) for i, tensor in enumerate(masks)])
 
     def verbalize(self, job: VerbalizeJob) -> list[Verbalization]:
         timer = _Timer()
@@ -205,6 +280,18 @@ class Engine:
         template_cls = TEMPLATES.get(name)
         template_params = resolve_params(template_cls.params, job.template_params, f"template '{name}'")
         template = template_cls()
+        unsupported = [
+            name
+            for name, value in (("tokens", job.tokens), ("labels", job.labels), ("regions", job.regions), ("detail", job.detail),
+                                ("style", job.style), ("custom_templates", job.custom_templates))
+            if value
+        ]
+        if unsupported:
+            raise InvalidArgument(
+                "FIELD_NOT_SUPPORTED",
+                f"this server does not support {', '.join(unsupported)} in Verbalize yet; leave them empty",
+                {"fields": ",".join(unsupported)},
+            )
         if not job.model:
             # Model-free: the caller's maps alone.
             if job.images or job.method:

@@ -147,6 +147,39 @@ def decode_map(tensor: RawTensor, index: int, limits: ImageLimits) -> np.ndarray
     return data.astype(np.float32)
 
 
+def decode_mask(tensor: RawTensor, index: int, limits: ImageLimits, what: str = "mask") -> np.ndarray:
+    """Validate a caller-supplied mask: float32 or uint8 [height, width]; True where it is nonzero."""
+    where = {f"{what.replace(' ', '_')}_index": index}
+    itemsize = {"float32": 4, "uint8": 1}.get(tensor.dtype)
+    if itemsize is None:
+        raise InvalidArgument(
+            "UNSUPPORTED_DTYPE", f"{what} {index} has dtype {tensor.dtype or 'unspecified'}; masks must be uint8 or float32", where
+        )
+    shape = tuple(tensor.shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise InvalidArgument("INVALID_SHAPE", f"{what} {index} has shape {list(shape)}; a mask must be [height, width]", where)
+    _check_pixels(shape[1], shape[0], index, limits)
+    if len(tensor.data) != shape[0] * shape[1] * itemsize:
+        raise InvalidArgument(
+            "TENSOR_SIZE_MISMATCH",
+            f"{what} {index}: shape {list(shape)} of {tensor.dtype} needs {shape[0] * shape[1] * itemsize} bytes, got {len(tensor.data)}",
+            where,
+        )
+    data = np.frombuffer(tensor.data, dtype="<f4" if itemsize == 4 else np.uint8).reshape(shape)
+    if itemsize == 4 and not np.isfinite(data).all():
+        raise InvalidArgument("VALUE_OUT_OF_RANGE", f"{what} {index} has NaN or infinite values", where)
+    mask: np.ndarray = data != 0
+    return mask
+
+
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A bool mask at another resolution: the bilinear resize of its 0/1 values, kept where at least one half."""
+    if mask.shape == (height, width):
+        return mask
+    resized: np.ndarray = resize_map(mask.astype(np.float32), height, width) >= 0.5
+    return resized
+
+
 BLUR_SIZE = 11
 BLUR_SIGMA = 5.0
 

@@ -31,6 +31,22 @@ ImageInput = EncodedImage | RawTensor
 
 
 @dataclass(frozen=True)
+class TokenAttributions:
+    """One text's tokens and one attribution per token, for model-free verbalization."""
+
+    tokens: tuple[str, ...]
+    attributions: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class NamedRegion:
+    """A caller-named region of an image: its mask (uint8 or float32 H x W, nonzero inside)."""
+
+    name: str
+    mask: RawTensor
+
+
+@dataclass(frozen=True)
 class TargetRequest:
     """Which class to explain: None for the predicted class, else an index or a label."""
 
@@ -81,6 +97,9 @@ class ScoreResult:
     params: Mapping[str, ParamValue]
     higher_is_better: bool
     provenance: Provenance
+    curve_x: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    components: Mapping[str, float] = field(default_factory=dict)
+    maps: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,10 @@ class Fact:
     share: float
     sign: str
     rank: int
+    kind: str = "region"
+    value: float = 0.0
+    start: int = 0
+    end: int = 0
 
 
 @dataclass(frozen=True)

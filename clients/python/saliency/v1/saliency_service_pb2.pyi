@@ -417,6 +417,7 @@ class ScoreRequest(_message.Message):
     FOIL_FIELD_NUMBER: _builtins.int
     LAYERS_FIELD_NUMBER: _builtins.int
     BASELINES_FIELD_NUMBER: _builtins.int
+    MASKS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     metric: _builtins.str
     """Metric id, as listed by ListMethods (e.g. "deletion", "insertion")."""
@@ -444,6 +445,12 @@ class ScoreRequest(_message.Message):
     def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def baselines(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]: ...
+    @_builtins.property
+    def masks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """Ground-truth masks for the localisation metrics, one per image (any resolution, resized to the
+        model's input): float32 or uint8 height x width, nonzero where the object is.
+        """
+
     def __init__(
         self,
         *,
@@ -460,10 +467,11 @@ class ScoreRequest(_message.Message):
         foil: Global___Target | None = ...,
         layers: _abc.Iterable[_builtins.str] | None = ...,
         baselines: _abc.Iterable[Global___Image] | None = ...,
+        masks: _abc.Iterable[Global___Tensor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["foil", b"foil", "method_params", b"method_params", "metric_params", b"metric_params", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baselines", b"baselines", "foil", b"foil", "images", b"images", "layer", b"layer", "layers", b"layers", "method", b"method", "method_params", b"method_params", "metric", b"metric", "metric_params", b"metric_params", "model", b"model", "saliency", b"saliency", "seed", b"seed", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baselines", b"baselines", "foil", b"foil", "images", b"images", "layer", b"layer", "layers", b"layers", "masks", b"masks", "method", b"method", "method_params", b"method_params", "metric", b"metric", "metric_params", b"metric_params", "model", b"model", "saliency", b"saliency", "seed", b"seed", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -473,6 +481,26 @@ Global___ScoreRequest: _TypeAlias = ScoreRequest  # noqa: Y015
 class ScoreResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ComponentsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     METRIC_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     CURVE_FIELD_NUMBER: _builtins.int
@@ -481,6 +509,9 @@ class ScoreResult(_message.Message):
     HIGHER_IS_BETTER_FIELD_NUMBER: _builtins.int
     METRIC_PARAMS_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    CURVE_X_FIELD_NUMBER: _builtins.int
+    COMPONENTS_FIELD_NUMBER: _builtins.int
+    MAPS_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     value: _builtins.float
     target_index: _builtins.int
@@ -496,6 +527,18 @@ class ScoreResult(_message.Message):
     def provenance(self) -> Global___Provenance:
         """Provenance of the scored map."""
 
+    @_builtins.property
+    def curve_x(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The x of each curve point where the curve has one (e.g. the share of pixels removed), same length as `curve`."""
+
+    @_builtins.property
+    def components(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Named parts of the value where the metric has several (e.g. ROAD's "morf" and "lerf")."""
+
+    @_builtins.property
+    def maps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """Images the metric returns (e.g. AggAtt's per-bin aggregate maps), float32 height x width."""
+
     def __init__(
         self,
         *,
@@ -507,10 +550,13 @@ class ScoreResult(_message.Message):
         higher_is_better: _builtins.bool = ...,
         metric_params: _struct_pb2.Struct | None = ...,
         provenance: Global___Provenance | None = ...,
+        curve_x: _abc.Iterable[_builtins.float] | None = ...,
+        components: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        maps: _abc.Iterable[Global___Tensor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metric_params", b"metric_params", "provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["curve", b"curve", "higher_is_better", b"higher_is_better", "metric", b"metric", "metric_params", b"metric_params", "provenance", b"provenance", "target_index", b"target_index", "target_label", b"target_label", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "curve", b"curve", "curve_x", b"curve_x", "higher_is_better", b"higher_is_better", "maps", b"maps", "metric", b"metric", "metric_params", b"metric_params", "provenance", b"provenance", "target_index", b"target_index", "target_label", b"target_label", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,8 +583,84 @@ class ScoreResponse(_message.Message):
 Global___ScoreResponse: _TypeAlias = ScoreResponse  # noqa: Y015
 
 @_typing.final
+class Progress(_message.Message):
+    """How far a long Score has come."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    stage: _builtins.str
+    """What is running, e.g. "perturbation passes"."""
+    done: _builtins.int
+    total: _builtins.int
+    def __init__(
+        self,
+        *,
+        stage: _builtins.str = ...,
+        done: _builtins.int = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "stage", b"stage", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Progress: _TypeAlias = Progress  # noqa: Y015
+
+@_typing.final
+class ScoreEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___Progress: ...
+    @_builtins.property
+    def response(self) -> Global___ScoreResponse:
+        """The last message of the stream."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___Progress | None = ...,
+        response: Global___ScoreResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "response"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___ScoreEvent: _TypeAlias = ScoreEvent  # noqa: Y015
+
+@_typing.final
 class VerbalizeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CustomTemplatesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     MODEL_FIELD_NUMBER: _builtins.int
     IMAGES_FIELD_NUMBER: _builtins.int
@@ -553,6 +675,12 @@ class VerbalizeRequest(_message.Message):
     FOIL_FIELD_NUMBER: _builtins.int
     LAYERS_FIELD_NUMBER: _builtins.int
     BASELINES_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    STYLE_FIELD_NUMBER: _builtins.int
+    CUSTOM_TEMPLATES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model whose explanation is verbalized; empty with `saliency` set for model-free use."""
     method: _builtins.str
@@ -560,6 +688,10 @@ class VerbalizeRequest(_message.Message):
     seed: _builtins.int
     template: _builtins.str
     """Template id, as listed by ListMethods; empty: "grid_regions"."""
+    detail: _builtins.str
+    """Level of detail: "short", "standard" (when empty) or "detailed"."""
+    style: _builtins.str
+    """Template style id, as listed by ListMethods (one data file per style); empty: "plain"."""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]: ...
     @_builtins.property
@@ -580,6 +712,22 @@ class VerbalizeRequest(_message.Message):
     def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def baselines(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]: ...
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenAttributions]:
+        """Model-free token attributions, one entry per text (instead of `saliency` maps)."""
+
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___Target]:
+        """The true class of each image (one, or one per image), for the correctness line."""
+
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegionSet]:
+        """Caller-named regions: one set shared by every image, or one set per image."""
+
+    @_builtins.property
+    def custom_templates(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The caller's own templates, replacing the style's: template key -> text with {placeholders}."""
+
     def __init__(
         self,
         *,
@@ -596,14 +744,91 @@ class VerbalizeRequest(_message.Message):
         foil: Global___Target | None = ...,
         layers: _abc.Iterable[_builtins.str] | None = ...,
         baselines: _abc.Iterable[Global___Image] | None = ...,
+        tokens: _abc.Iterable[Global___TokenAttributions] | None = ...,
+        labels: _abc.Iterable[Global___Target] | None = ...,
+        regions: _abc.Iterable[Global___RegionSet] | None = ...,
+        detail: _builtins.str = ...,
+        style: _builtins.str = ...,
+        custom_templates: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["foil", b"foil", "method_params", b"method_params", "target", b"target", "template_params", b"template_params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baselines", b"baselines", "foil", b"foil", "images", b"images", "layer", b"layer", "layers", b"layers", "method", b"method", "method_params", b"method_params", "model", b"model", "saliency", b"saliency", "seed", b"seed", "target", b"target", "template", b"template", "template_params", b"template_params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baselines", b"baselines", "custom_templates", b"custom_templates", "detail", b"detail", "foil", b"foil", "images", b"images", "labels", b"labels", "layer", b"layer", "layers", b"layers", "method", b"method", "method_params", b"method_params", "model", b"model", "regions", b"regions", "saliency", b"saliency", "seed", b"seed", "style", b"style", "target", b"target", "template", b"template", "template_params", b"template_params", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerbalizeRequest: _TypeAlias = VerbalizeRequest  # noqa: Y015
+
+@_typing.final
+class TokenAttributions(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    ATTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def attributions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One attribution per token."""
+
+    def __init__(
+        self,
+        *,
+        tokens: _abc.Iterable[_builtins.str] | None = ...,
+        attributions: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributions", b"attributions", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenAttributions: _TypeAlias = TokenAttributions  # noqa: Y015
+
+@_typing.final
+class NamedRegion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def mask(self) -> Global___Tensor:
+        """float32 or uint8 height x width (any resolution), nonzero inside the region."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        mask: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mask", b"mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mask", b"mask", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamedRegion: _TypeAlias = NamedRegion  # noqa: Y015
+
+@_typing.final
+class RegionSet(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedRegion]: ...
+    def __init__(
+        self,
+        *,
+        regions: _abc.Iterable[Global___NamedRegion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["regions", b"regions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionSet: _TypeAlias = RegionSet  # noqa: Y015
 
 @_typing.final
 class Fact(_message.Message):
@@ -615,6 +840,10 @@ class Fact(_message.Message):
     SHARE_FIELD_NUMBER: _builtins.int
     SIGN_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
     region: _builtins.str
     share: _builtins.float
     """Share of the attribution of the given sign, 0..1."""
@@ -622,6 +851,13 @@ class Fact(_message.Message):
     """"positive" or "negative"."""
     rank: _builtins.int
     """0 for the region holding the most evidence."""
+    kind: _builtins.str
+    """What the fact is about: "region", "component", "token", "span", "prediction", "correctness", "contrast"."""
+    value: _builtins.float
+    """The number stated, where it is not a share (e.g. a probability)."""
+    start: _builtins.int
+    """Token facts: the span [start, end) in token positions."""
+    end: _builtins.int
     def __init__(
         self,
         *,
@@ -629,10 +865,14 @@ class Fact(_message.Message):
         share: _builtins.float = ...,
         sign: _builtins.str = ...,
         rank: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        value: _builtins.float = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rank", b"rank", "region", b"region", "share", b"share", "sign", b"sign"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "kind", b"kind", "rank", b"rank", "region", b"region", "share", b"share", "sign", b"sign", "start", b"start", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -44,6 +44,11 @@ class SaliencyServiceStub:
                 request_serializer=saliency_dot_v1_dot_saliency__service__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=saliency_dot_v1_dot_saliency__service__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.ScoreStream = channel.unary_stream(
+                '/saliency.v1.SaliencyService/ScoreStream',
+                request_serializer=saliency_dot_v1_dot_saliency__service__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=saliency_dot_v1_dot_saliency__service__pb2.ScoreEvent.FromString,
+                _registered_method=True)
         self.Verbalize = channel.unary_unary(
                 '/saliency.v1.SaliencyService/Verbalize',
                 request_serializer=saliency_dot_v1_dot_saliency__service__pb2.VerbalizeRequest.SerializeToString,
@@ -78,6 +83,13 @@ class SaliencyServiceServicer:
 
     def Score(self, request, context):
         """How good a saliency map is: computed by a method in the same request, or supplied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScoreStream(self, request, context):
+        """Score with progress: zero or more ScoreEvent.progress messages, then one ScoreEvent.response.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +135,11 @@ def add_SaliencyServiceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=saliency_dot_v1_dot_saliency__service__pb2.ScoreRequest.FromString,
                     response_serializer=saliency_dot_v1_dot_saliency__service__pb2.ScoreResponse.SerializeToString,
+            ),
+            'ScoreStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ScoreStream,
+                    request_deserializer=saliency_dot_v1_dot_saliency__service__pb2.ScoreRequest.FromString,
+                    response_serializer=saliency_dot_v1_dot_saliency__service__pb2.ScoreEvent.SerializeToString,
             ),
             'Verbalize': grpc.unary_unary_rpc_method_handler(
                     servicer.Verbalize,
@@ -199,6 +216,33 @@ class SaliencyService:
             '/saliency.v1.SaliencyService/Score',
             saliency_dot_v1_dot_saliency__service__pb2.ScoreRequest.SerializeToString,
             saliency_dot_v1_dot_saliency__service__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/saliency.v1.SaliencyService/ScoreStream',
+            saliency_dot_v1_dot_saliency__service__pb2.ScoreRequest.SerializeToString,
+            saliency_dot_v1_dot_saliency__service__pb2.ScoreEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,8 @@ class SaliencyServiceStub:
     """Saliency maps for a batch of images, one per image, at each image's own resolution."""
     Score: _grpc.UnaryUnaryMultiCallable[_saliency_service_pb2.ScoreRequest, _saliency_service_pb2.ScoreResponse]
     """How good a saliency map is: computed by a method in the same request, or supplied."""
+    ScoreStream: _grpc.UnaryStreamMultiCallable[_saliency_service_pb2.ScoreRequest, _saliency_service_pb2.ScoreEvent]
+    """Score with progress: zero or more ScoreEvent.progress messages, then one ScoreEvent.response."""
     Verbalize: _grpc.UnaryUnaryMultiCallable[_saliency_service_pb2.VerbalizeRequest, _saliency_service_pb2.VerbalizeResponse]
     """A short, template-made text that says what a saliency map shows; every number comes from the map."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_saliency_service_pb2.ListModelsRequest, _saliency_service_pb2.ListModelsResponse]
@@ -54,6 +56,8 @@ class SaliencyServiceAsyncStub(SaliencyServiceStub):
     """Saliency maps for a batch of images, one per image, at each image's own resolution."""
     Score: _aio.UnaryUnaryMultiCallable[_saliency_service_pb2.ScoreRequest, _saliency_service_pb2.ScoreResponse]  # type: ignore[assignment]
     """How good a saliency map is: computed by a method in the same request, or supplied."""
+    ScoreStream: _aio.UnaryStreamMultiCallable[_saliency_service_pb2.ScoreRequest, _saliency_service_pb2.ScoreEvent]  # type: ignore[assignment]
+    """Score with progress: zero or more ScoreEvent.progress messages, then one ScoreEvent.response."""
     Verbalize: _aio.UnaryUnaryMultiCallable[_saliency_service_pb2.VerbalizeRequest, _saliency_service_pb2.VerbalizeResponse]  # type: ignore[assignment]
     """A short, template-made text that says what a saliency map shows; every number comes from the map."""
     ListModels: _aio.UnaryUnaryMultiCallable[_saliency_service_pb2.ListModelsRequest, _saliency_service_pb2.ListModelsResponse]  # type: ignore[assignment]
@@ -79,6 +83,14 @@ class SaliencyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_saliency_service_pb2.ScoreResponse, _abc.Awaitable[_saliency_service_pb2.ScoreResponse]]:
         """How good a saliency map is: computed by a method in the same request, or supplied."""
+
+    @_abc_1.abstractmethod
+    def ScoreStream(
+        self,
+        request: _saliency_service_pb2.ScoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_saliency_service_pb2.ScoreEvent], _abc.AsyncIterator[_saliency_service_pb2.ScoreEvent]]:
+        """Score with progress: zero or more ScoreEvent.progress messages, then one ScoreEvent.response."""
 
     @_abc_1.abstractmethod
     def Verbalize(

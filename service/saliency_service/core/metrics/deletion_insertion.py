@@ -15,7 +15,7 @@ import torch
 
 from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.images import gaussian_blur
-from saliency_service.core.metrics.base import METRICS, MetricInput, MetricValue, ScoreMetric
+from saliency_service.core.metrics.base import METRICS, MetricInput, MetricValue, ProgressFn, ScoreMetric, no_progress
 from saliency_service.core.params import ParamSpec
 
 MAX_STEP = 1_000_000
@@ -68,6 +68,7 @@ def perturbation_curves(
     *,
     step: int,
     score: str,
+    progress: ProgressFn = no_progress,
 ) -> np.ndarray:
     """B x (n+1) target scores as pixels switch from `start` to `end` in saliency order, `step` at a time.
 
@@ -91,7 +92,15 @@ def perturbation_curves(
         images = np.where(switched[:, None, :], end_flat[item], start_flat[item])
         logits = logits_fn(images.reshape(len(index), channels, height, width).astype(np.float32, copy=False))
         curves[index] = target_scores(logits, targets[item], score)
+        progress("perturbation passes", int(index[-1]) + 1, rows)
     return curves.reshape(batch, n + 1)
+
+
+def curve_fractions(pixels: int, step: int) -> np.ndarray:
+    """The x of each curve point: the share of pixels switched, min(i * step, pixels) / pixels."""
+    n = math.ceil(pixels / step)
+    fractions: np.ndarray = np.minimum(np.arange(n + 1) * step, pixels) / pixels
+    return fractions
 
 
 def _check(request: MetricInput, step: int, metric: str) -> None:
@@ -146,8 +155,11 @@ class _PerturbationMetric(ScoreMetric):
         start, end = (substrate, x) if self.inserting else (x, substrate)
         targets = np.asarray(request.targets, dtype=np.int64)
         score = str(request.params["score"])
-        curves = perturbation_curves(request.model.logits, start, end, request.saliency, targets, step=step, score=score)
-        return [MetricValue(value=trapezoid_auc(curve), curve=curve) for curve in curves]
+        curves = perturbation_curves(
+            request.model.logits, start, end, request.saliency, targets, step=step, score=score, progress=request.progress
+        )
+        fractions = curve_fractions(x.shape[2] * x.shape[3], step)
+        return [MetricValue(value=trapezoid_auc(curve), curve=curve, curve_x=fractions) for curve in curves]
 
 
 @METRICS.register("deletion")
