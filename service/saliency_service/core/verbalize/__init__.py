@@ -1,6 +1,11 @@
-"""Verbalization templates. Importing this package registers every template in TEMPLATES."""
+"""Verbalization templates. Importing this package imports every module in it, which registers each template in TEMPLATES."""
 
-from saliency_service.core.verbalize import components, grid  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from saliency_service.core.verbalize.base import TEMPLATES, Template, VerbalizeInput
+
+for _module in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["TEMPLATES", "Template", "VerbalizeInput"]
