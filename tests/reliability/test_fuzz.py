@@ -38,8 +38,8 @@ from tests.api.conftest import RunningServer, start_server, stop_server
 
 from .common import FORBIDDEN, FULL, SUMMARY, error_reason, make_repository
 
-# Requests per test: the full mode sums to 10,400, the CI mode to 520.
-SHARE = {"explain": 2600, "score": 1600, "verbalize": 1600, "infer": 2000, "metadata": 1000, "raw": 1600}
+# Requests per test: the full mode sums to 10,800, the CI mode to 540.
+SHARE = {"explain": 2600, "score": 1600, "verbalize": 1600, "infer": 2000, "metadata": 1000, "raw": 1600, "raw_stream": 400}
 SCALE = 1.0 if FULL else 0.05
 CALL_TIMEOUT = 60.0
 """Far beyond what any request may cost under the compute cap below: a call that reaches it counts as a hang."""
@@ -289,12 +289,18 @@ def test_fuzz_explain(channel: grpc.Channel, values: dict[str, Any]) -> None:
             "method": method_names,
             "method_params": structs(),
             "saliency": st.lists(tensors(image=False), max_size=3),
+            "masks": st.lists(tensors(image=False), max_size=2),
         }
-    )
+    ),
+    st.booleans(),
 )
-def test_fuzz_score(channel: grpc.Channel, values: dict[str, Any]) -> None:
+def test_fuzz_score(channel: grpc.Channel, values: dict[str, Any], streamed: bool) -> None:
     request = _build(pb.ScoreRequest, values)
-    check("Score", lambda: pb_grpc.SaliencyServiceStub(channel).Score(request, timeout=CALL_TIMEOUT))
+    stub = pb_grpc.SaliencyServiceStub(channel)
+    if streamed:
+        check("ScoreStream", lambda: list(stub.ScoreStream(request, timeout=CALL_TIMEOUT)))
+    else:
+        check("Score", lambda: stub.Score(request, timeout=CALL_TIMEOUT))
 
 
 @_settings("verbalize")
@@ -451,6 +457,14 @@ def wire_bytes(draw: st.DrawFn) -> bytes:
 def test_fuzz_raw_bytes_on_every_rpc(channel: grpc.Channel, path: str, raw: bytes) -> None:
     call = channel.unary_unary(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
     check(path.rsplit("/", 1)[-1] + "(raw)", lambda: call(raw, timeout=CALL_TIMEOUT))
+
+
+@_settings("raw_stream")
+@given(wire_bytes())
+def test_fuzz_raw_bytes_on_the_streaming_rpc(channel: grpc.Channel, raw: bytes) -> None:
+    path = "/saliency.v1.SaliencyService/ScoreStream"
+    call = channel.unary_stream(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    check("ScoreStream(raw)", lambda: list(call(raw, timeout=CALL_TIMEOUT)))
 
 
 def test_fuzz_repository_exists(tmp_path: Path) -> None:
