@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["export_model"]
+__all__ = ["DynamicBatching", "export_model"]
 
 if TYPE_CHECKING:
+    from saliency_service.core.models.config import DynamicBatching
     from saliency_service.core.models.export import export_model
 
 
@@ -16,4 +17,8 @@ def __getattr__(name: str) -> Any:
         from saliency_service.core.models.export import export_model
 
         return export_model
+    if name == "DynamicBatching":
+        from saliency_service.core.models.config import DynamicBatching
+
+        return DynamicBatching
     raise AttributeError(name)

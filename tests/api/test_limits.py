@@ -61,14 +61,15 @@ def test_beyond_workers_plus_queue_is_resource_exhausted_at_once(small_server: R
     pool = small_server.server.pool
     outcomes: list[object] = []
 
-    def long_call() -> None:
+    def long_call(seed: int) -> None:
+        # Different seeds: dynamic batching would merge two identical calls into one job.
         with SaliencyClient(small_server.address, timeout=8) as client:
             try:
-                outcomes.append(client.explain("shapes", images[:1], method="integrated_gradients", params={"steps": 512}))
+                outcomes.append(client.explain("shapes", images[:1], method="integrated_gradients", params={"steps": 512}, seed=seed))
             except SaliencyError as error:
                 outcomes.append(error)
 
-    threads = [threading.Thread(target=long_call) for _ in range(2)]
+    threads = [threading.Thread(target=long_call, args=(seed,)) for seed in range(2)]
     for thread in threads:
         thread.start()
     assert _wait_for(lambda: pool.outstanding == 2, 10.0), "two calls should be running or queued"

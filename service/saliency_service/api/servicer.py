@@ -12,6 +12,7 @@ import grpc
 from saliency.v1 import saliency_service_pb2 as pb
 from saliency.v1 import saliency_service_pb2_grpc as pb_grpc
 from saliency_service.api import codec
+from saliency_service.api.batching import ExplainBatcher
 from saliency_service.api.work import WorkPool
 from saliency_service.core.engine import Engine
 from saliency_service.core.methods import METHODS
@@ -26,10 +27,11 @@ class SaliencyServicer(pb_grpc.SaliencyServiceServicer):
     def __init__(self, engine: Engine, pool: WorkPool) -> None:
         self.engine = engine
         self.pool = pool
+        self.batcher = ExplainBatcher(engine, pool)
 
     async def Explain(self, request: pb.ExplainRequest, context: Context) -> pb.ExplainResponse:
         job = codec.explain_job(request)
-        explanations = await self.pool.run("Explain", lambda: self.engine.explain(job), context, len(job.images))
+        explanations = await self.batcher.explain(job, context)
         return codec.explain_response(explanations, self.engine.repository.get(job.model).config.labels)
 
     async def Score(self, request: pb.ScoreRequest, context: Context) -> pb.ScoreResponse:

@@ -58,12 +58,16 @@ class WorkPool:
         with self._lock:
             self._outstanding -= 1
 
-    async def run(self, rpc: str, work: Callable[[], T], context: Context | None = None, images: int = 0) -> T:
-        """Run `work` in the pool under a fresh budget; cancelling the awaiting task cancels the budget."""
+    async def run(self, rpc: str, work: Callable[[], T], context: Context | None = None, images: int = 0, requests: int = 1) -> T:
+        """Run `work` in the pool under a fresh budget; cancelling the awaiting task cancels the budget.
+
+        `requests` > 1: the work serves that many merged requests, so its compute cap is that many caps.
+        """
         self._admit()
-        metrics.REQUEST_IMAGES.labels(rpc).observe(images)
+        if requests == 1:  # the batcher counts merged requests one by one
+            metrics.REQUEST_IMAGES.labels(rpc).observe(images)
         remaining = context.time_remaining() if context is not None else None
-        budget = RequestBudget(self.max_pass_items, None if remaining is None else time.monotonic() + remaining)
+        budget = RequestBudget(self.max_pass_items * requests, None if remaining is None else time.monotonic() + remaining)
         queued = time.perf_counter()
 
         def job() -> T:

@@ -16,6 +16,9 @@ REQUEST_SECONDS = Histogram("saliency_request_duration_seconds", "RPC latency.",
 IN_FLIGHT = Gauge("saliency_in_flight_requests", "RPCs being handled now.", ["rpc"])
 QUEUE_SECONDS = Histogram("saliency_queue_duration_seconds", "Time a request waits for a worker.", ["rpc"], buckets=_LATENCY_BUCKETS)
 REQUEST_IMAGES = Histogram("saliency_request_images", "Images per request.", ["rpc"], buckets=_BATCH_BUCKETS)
+MERGED_REQUESTS = Histogram(
+    "saliency_dynamic_batch_requests", "Requests served by one engine call (dynamic batching).", ["rpc", "model"], buckets=_BATCH_BUCKETS
+)
 MODEL_PASSES = Counter("saliency_model_passes_total", "Batched forward/backward passes.", ["model", "kind"])
 MODEL_PASS_ITEMS = Counter("saliency_model_pass_items_total", "Items through forward/backward passes.", ["model", "kind"])
 PASS_BATCH_SIZE = Histogram("saliency_model_pass_batch_size", "Items per forward/backward pass.", ["model", "kind"], buckets=_BATCH_BUCKETS)

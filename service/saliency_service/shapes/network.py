@@ -13,6 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from saliency_service.core.models.config import DynamicBatching
+
+# How the shipped models are served: concurrent Explain requests merge into batches of up to 16 images,
+# a request waiting at most 2 ms for company.
+SERVING_BATCHING = DynamicBatching(max_batch_size=16, max_queue_delay_microseconds=2000)
+
 # Per-channel statistics of generated training images scaled to [0, 1]
 # (measured on 20k single- and two-shape training images, rounded).
 MEAN: tuple[float, float, float] = (0.500, 0.500, 0.498)

@@ -38,7 +38,7 @@ from saliency_service.core.models.model import LoadedModel, RuntimeOptions
 from saliency_service.core.models.torch_runner import vet_pt2_archive
 from saliency_service.shapes.evaluate import heldout_accuracy, torch_predictor
 from saliency_service.shapes.generator import IMAGE_SIZE, LABELS, generate_batch, heldout_seeds
-from saliency_service.shapes.network import MEAN, STD, ShapesNet, preprocess
+from saliency_service.shapes.network import MEAN, SERVING_BATCHING, STD, ShapesNet, preprocess
 from saliency_service.shapes.train import TrainConfig, training_data
 
 MODEL_NAME = "vit_shapes"
@@ -329,7 +329,7 @@ def export_vit(
         description=description,
         overwrite=True,
         patch_size=config.patch,
-        default_layer=DEFAULT_LAYER if config.depth > 1 else None,
+        default_layer=DEFAULT_LAYER if config.depth > 1 else None,        dynamic_batching=SERVING_BATCHING,
     )
 
 

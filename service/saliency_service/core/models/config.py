@@ -19,6 +19,10 @@ TORCH_FILE = "model.pt2"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
+MAX_DYNAMIC_BATCH = 1024
+MAX_QUEUE_DELAY_US = 1_000_000
+
+
 def _token_grid(raw: Any) -> TokenGrid | None:
     """A layer's optional "tokens" entry: {"grid": [h, w], "prefix": p}; absent or null for a convolutional layer."""
     if raw is None:
@@ -88,6 +92,19 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
+class DynamicBatching:
+    """Merge concurrent Explain requests for this model that make maps the same way (Triton's names).
+
+    A request waits at most `max_queue_delay_microseconds` for others to join it; a merged call holds
+    at most `max_batch_size` images. Methods give each image the map it would get alone (the method
+    contract tests this), so merging changes nothing but the cost.
+    """
+
+    max_batch_size: int
+    max_queue_delay_microseconds: int = 2000
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     version: str
@@ -104,6 +121,8 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     # The layer CAM methods use when a request names none; None: the last declared layer.
     cam_layer: str | None = None
+    # None: every request runs on its own.
+    dynamic_batching: DynamicBatching | None = None
 
     @property
     def num_classes(self) -> int:
@@ -143,8 +162,9 @@ class ModelConfig:
             # Convolutional layers are written exactly as before token layers existed.
             if layer["tokens"] is None:
                 del layer["tokens"]
-        if raw["cam_layer"] is None:
-            del raw["cam_layer"]
+        for optional in ("cam_layer", "dynamic_batching"):
+            if raw[optional] is None:
+                del raw[optional]
         return json.dumps(raw, indent=2) + "\n"
 
     def save(self, folder: Path) -> None:
@@ -171,6 +191,7 @@ class ModelConfig:
                     )
                     for layer in raw["layers"]
                 ),
+                dynamic_batching=DynamicBatching(**raw["dynamic_batching"]) if raw.get("dynamic_batching") is not None else None,
                 **{
                     k: raw[k]
                     for k in (
@@ -210,6 +231,17 @@ class ModelConfig:
                 problems.append(f"artifact file name '{name}' must be a plain file name")
         if sorted(layer.probe_index for layer in self.layers) != list(range(len(self.layers))):
             problems.append("layer probe indices must be 0..n-1")
+        batching = self.dynamic_batching
+        if batching is not None and not (
+            isinstance(batching.max_batch_size, int)
+            and isinstance(batching.max_queue_delay_microseconds, int)
+            and 1 <= batching.max_batch_size <= MAX_DYNAMIC_BATCH
+            and 0 <= batching.max_queue_delay_microseconds <= MAX_QUEUE_DELAY_US
+        ):
+            problems.append(
+                f"dynamic_batching needs an integer max_batch_size in 1..{MAX_DYNAMIC_BATCH} and an integer "
+                f"max_queue_delay_microseconds in 0..{MAX_QUEUE_DELAY_US}, got {batching}"
+            )
         if self.cam_layer is not None and self.cam_layer not in {layer.name for layer in self.layers}:
             problems.append(f"cam_layer '{self.cam_layer}' is not a declared layer")
         for layer in self.layers:
