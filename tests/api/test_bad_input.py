@@ -52,6 +52,17 @@ def _png(size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
+def _localise(masks: list[pb.Tensor], images: int = 1) -> Callable[[pb_grpc.SaliencyServiceStub], object]:
+    """A pointing-game Score of `images` blank images with these ground-truth masks."""
+    return lambda s: s.Score(
+        pb.ScoreRequest(model="shapes", metric="pointing_game", method="grad_cam", images=[_tensor(GOOD)] * images, masks=masks)
+    )
+
+
+INT64_MASK = np.ones((4, 4), np.int64)
+ONE_MASK = pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[4, 4], data=np.ones((4, 4), np.uint8).tobytes())
+
+
 CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.StatusCode, str]] = {
     "undecodable image": (
         lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", images=[pb.Image(encoded=b"\x89PNG garbage")])),
@@ -326,6 +337,25 @@ CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.Sta
         INVALID,
         "MASKS_NOT_USED",
     ),
+    "localisation metric without masks": (_localise([]), INVALID, "MASKS_REQUIRED"),
+    "two masks for three images": (_localise([ONE_MASK, ONE_MASK], images=3), INVALID, "MASK_COUNT_MISMATCH"),
+    "int64 mask under an unknown dtype code": (
+        _localise([pb.Tensor(dtype=7, shape=[4, 4], data=INT64_MASK.tobytes())]),  # type: ignore[arg-type]
+        INVALID,
+        "UNSUPPORTED_DTYPE",
+    ),
+    "int64 mask bytes labelled uint8": (
+        _localise([pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[4, 4], data=INT64_MASK.tobytes())]),
+        INVALID,
+        "TENSOR_SIZE_MISMATCH",
+    ),
+    "mask with three dimensions": (
+        _localise([pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[4, 4, 1], data=bytes(16))]),
+        INVALID,
+        "INVALID_SHAPE",
+    ),
+    "mask with NaN": (_localise([_tensor(np.full((4, 4), np.nan, np.float32)).tensor]), INVALID, "VALUE_OUT_OF_RANGE"),
+    "mask with no object pixel": (_localise([_tensor(np.zeros((4, 4), np.uint8)).tensor]), INVALID, "EMPTY_MASK"),
     "empty baseline": (
         lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", baselines=[pb.Image()], images=[_tensor(GOOD)])),
         INVALID,
