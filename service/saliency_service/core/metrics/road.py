@@ -147,7 +147,10 @@ class Road(ScoreMetric):
             # Noise seeded by the request's seed, the order and the share, not the item's place in the batch.
             rng = np.random.default_rng([request.seed, order, point])
             filled[:, removed] += noise * rng.standard_normal((filled.shape[0], int(removed.sum())))
-            return (filled - mean) / std
+            # Kept pixels stay bit-identical to x: only the imputed ones go back through the normalisation.
+            image = x[item].copy()
+            image[:, removed] = ((filled - mean) / std)[:, removed]
+            return image
 
         def make(rows: np.ndarray) -> np.ndarray:
             return np.stack([imputed(int(row)) for row in rows])
