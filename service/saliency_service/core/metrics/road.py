@@ -148,7 +148,7 @@ class Road(ScoreMetric):
             rng = np.random.default_rng([request.seed, order, point])
             filled[:, removed] += noise * rng.standard_normal((filled.shape[0], int(removed.sum())))
             # Kept pixels stay bit-identical to x: only the imputed ones go back through the normalisation.
-            image = x[item].copy()
+            image: np.ndarray = x[item].copy()
             image[:, removed] = ((filled - mean) / std)[:, removed]
             return image
 
