@@ -356,6 +356,38 @@ CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.Sta
     ),
     "mask with NaN": (_localise([_tensor(np.full((4, 4), np.nan, np.float32)).tensor]), INVALID, "VALUE_OUT_OF_RANGE"),
     "mask with no object pixel": (_localise([_tensor(np.zeros((4, 4), np.uint8)).tensor]), INVALID, "EMPTY_MASK"),
+    "supplied map for a metric that re-explains": (
+        lambda s: s.Score(
+            pb.ScoreRequest(
+                model="shapes", metric="max_sensitivity", images=[_tensor(GOOD)], saliency=[_tensor(np.ones((4, 4), np.float32)).tensor]
+            )
+        ),
+        INVALID,
+        "METHOD_REQUIRED_FOR_METRIC",
+    ),
+    "contrastive metric without a foil": (
+        lambda s: s.Score(pb.ScoreRequest(model="shapes", metric="contrastive_faithfulness", method="grad_cam", images=[_tensor(GOOD)])),
+        INVALID,
+        "FOIL_REQUIRED",
+    ),
+    "too few faithfulness runs": (
+        lambda s: s.Score(
+            pb.ScoreRequest(
+                model="shapes", metric="faithfulness_correlation", metric_params=_params(runs=1), method="grad_cam", images=[_tensor(GOOD)]
+            )
+        ),
+        INVALID,
+        "PARAMETER_OUT_OF_RANGE",
+    ),
+    "road removing every pixel": (
+        lambda s: s.Score(
+            pb.ScoreRequest(
+                model="shapes", metric="road", metric_params=_params(percentages="50,100"), method="grad_cam", images=[_tensor(GOOD)]
+            )
+        ),
+        INVALID,
+        "PARAMETER_OUT_OF_RANGE",
+    ),
     "empty baseline": (
         lambda s: s.Explain(pb.ExplainRequest(model="shapes", method="grad_cam", baselines=[pb.Image()], images=[_tensor(GOOD)])),
         INVALID,

@@ -153,6 +153,47 @@ def test_score_a_supplied_map_ranks_a_good_map_above_its_inverse(client: Salienc
     assert np.mean([g.value for g in good]) < np.mean([b.value for b in bad])
 
 
+# Small sample counts: each metric runs through the RPC in seconds on the 128 x 128 shapes model.
+METRIC_CASES: dict[str, dict[str, object]] = {
+    "road": {"percentages": "20,80"},
+    "faithfulness_correlation": {"runs": 12, "subset_size": 256},
+    "infidelity": {"samples": 12, "patch_size": 16},
+    "max_sensitivity": {"samples": 2},
+    "model_randomization": {"layers": 2},
+    "random_logit": {},
+    "class_sensitivity": {},
+    "contrastive_faithfulness": {},
+}
+
+
+@pytest.mark.parametrize("metric", list(METRIC_CASES))
+def test_score_each_faithfulness_and_sanity_metric(client: SaliencyClient, samples: list[Sample], metric: str) -> None:
+    sample = samples[0]
+    foil = LABELS[(sample.label + 1) % len(LABELS)] if metric == "contrastive_faithfulness" else None
+    (result,) = client.score("shapes", [sample.image], method="grad_cam", metric=metric, params=METRIC_CASES[metric], foil=foil)
+    assert result.metric == metric and math.isfinite(result.value)
+    assert result.provenance.method == "grad_cam"
+    assert len(result.curve) == len(result.curve_x)
+    for name, value in METRIC_CASES[metric].items():
+        assert result.params[name] == value
+    catalog = {m.name: m for m in client.list_methods().metrics}
+    assert catalog[metric].higher_is_better == result.higher_is_better
+
+
+def test_contrastive_faithfulness_of_a_supplied_map_with_a_foil(client: SaliencyClient, samples: list[Sample]) -> None:
+    sample = samples[1]
+    foil = LABELS[(sample.label + 1) % len(LABELS)]
+    mask = sample.mask.astype(np.float32)
+    (result,) = client.score("shapes", [sample.image], metric="contrastive_faithfulness", saliency=[mask], target=sample.label, foil=foil)
+    assert result.provenance.method == "supplied" and result.provenance.foil == LABELS.index(foil)
+    assert list(result.curve_x) == pytest.approx([0.1 * k for k in range(1, 10)])
+    # The untouched image's contrast, from Explain's probabilities.
+    (explanation,) = client.explain("shapes", [sample.image], method="grad_cam", target=sample.label)
+    probabilities = explanation.probabilities
+    assert result.components["clean"] == pytest.approx(probabilities[sample.label] - probabilities[LABELS.index(foil)], abs=1e-5)
+    assert -1.0 <= result.value <= 1.0
+
+
 def test_verbalize_names_regions_with_shares_from_the_map(client: SaliencyClient, samples: list[Sample]) -> None:
     sample = samples[2]
     (verbalization,) = client.verbalize("shapes", [sample.image], method="grad_cam")

@@ -204,7 +204,7 @@ class Engine:
         metric_params = resolve_params(metric_cls.params, job.metric_params, f"metric '{job.metric}'")
         self._check_metric_needs(metric_cls, job)
         call = _MethodCall.of(job)
-        batch, made = self._maps_for(model, job.images, job.saliency, call, timer)
+        batch, made = self._maps_for(model, job.images, job.saliency, call, timer, foil_with_maps=metric_cls.needs_foil)
         masks = self._masks(model, job.masks, len(job.images)) if job.masks else None
         explain = None
         if job.method:
@@ -263,6 +263,13 @@ class Engine:
                 "METHOD_REQUIRED_FOR_METRIC",
                 f"metric '{name}' re-explains (other inputs, classes or a changed model), so it needs the method, not a finished map: "
                 "send `method` (and its parameters) instead of `saliency`",
+                {"metric": name},
+            )
+        if metric_cls.needs_foil and (job.foil is None or (job.foil.class_index is None and not job.foil.label)):
+            raise InvalidArgument(
+                "FOIL_REQUIRED",
+                f"metric '{name}' measures a contrast 'why the target, not the foil': name a `foil` class "
+                "(with a contrastive method's maps, or with your own maps of that contrast)",
                 {"metric": name},
             )
 
@@ -447,13 +454,23 @@ class Engine:
         return _Maps(combine_layers(list(per_layer.values())), method.name, resolved.params, layers, per_layer)
 
     def _maps_for(
-        self, model: LoadedModel, images: Sequence[ImageInput], saliency: Sequence[RawTensor], call: _MethodCall, timer: _Timer
+        self,
+        model: LoadedModel,
+        images: Sequence[ImageInput],
+        saliency: Sequence[RawTensor],
+        call: _MethodCall,
+        timer: _Timer,
+        foil_with_maps: bool = False,
     ) -> tuple[_Batch, _Maps]:
-        """Maps for Score and Verbalize: the caller's (resized to the model) or a method's."""
+        """Maps for Score and Verbalize: the caller's (resized to the model) or a method's.
+
+        `foil_with_maps`: supplied maps may come with a foil (a contrastive metric reads it); otherwise a
+        foil only shapes how a method makes its maps.
+        """
         if saliency:
             if call.method or call.params or call.layer or call.layers or call.baselines:
                 raise InvalidArgument("AMBIGUOUS_SALIENCY", "send either saliency maps or a method to compute them, not both")
-            if call.foil is not None and (call.foil.class_index is not None or call.foil.label):
+            if not foil_with_maps and call.foil is not None and (call.foil.class_index is not None or call.foil.label):
                 raise InvalidArgument("FOIL_WITHOUT_METHOD", "a foil shapes how a method makes its maps; with supplied maps, drop `foil`")
             if len(saliency) != len(images):
                 raise InvalidArgument(
@@ -462,7 +479,8 @@ class Engine:
             check_batch(saliency, self.limits, "saliency maps")
             spec = model.config.input
             maps = np.stack([resize_map(decode_map(tensor, i, self.limits), spec.height, spec.width) for i, tensor in enumerate(saliency)])
-            return self._prepare(model, images, call.target, timer), _Maps(maps, SUPPLIED, {}, ())
+            foil = call.foil if foil_with_maps else None
+            return self._prepare(model, images, call.target, timer, foil), _Maps(maps, SUPPLIED, {}, ())
         resolved = self._resolve_method(model, call)
         batch = self._prepare(model, images, call.target, timer, call.foil)
         baseline = self._baselines(model, call.baselines, len(images))

@@ -69,6 +69,8 @@ class ScoreMetric(ABC):
     """Localisation metrics: the request must carry one ground-truth mask per image."""
     needs_method: ClassVar[bool] = False
     """Metrics that re-explain (other inputs, classes or models): the request must name a method."""
+    needs_foil: ClassVar[bool] = False
+    """Contrastive metrics: the request must name a foil class; a caller's supplied maps may come with one."""
 
     @abstractmethod
     def score(self, request: MetricInput) -> list[MetricValue]:

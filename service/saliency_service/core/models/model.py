@@ -133,6 +133,21 @@ class LoadedModel:
             )
         return difference
 
+    # ---- randomised copies (model randomisation, METRICS.md §4) ----
+
+    def parameter_layers(self) -> list[str]:
+        """The torch program's modules that own parameters, by path, input side first."""
+        return self.program.parameter_layers()
+
+    def with_reinitialized(self, layers: Sequence[str], seed: int) -> LoadedModel:
+        """A copy of this model whose named parameter layers are re-initialised (`TorchRunner.reinitialized`).
+
+        This model and its artifacts are untouched. The ONNX graph holds the trained weights, so the
+        copy runs its forward passes (`logits`, `forward`, `run_onnx`) through its own torch program too:
+        predictions, activations and gradients all come from the same randomised weights.
+        """
+        return _TorchForwardModel(self.config, self.onnx, self.program.reinitialized(layers, seed), self._observe, self.folder)
+
     # ---- forward passes (onnxruntime) ----
 
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -232,5 +247,42 @@ class LoadedModel:
     def run_onnx(self, x: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
         """The ONNX graph's named outputs as they are (no reshaping), for the Open Inference Protocol."""
         results = self.onnx.run(x, outputs)
+        self._observe(self.name, "forward", len(x))
+        return results
+
+
+class _TorchForwardModel(LoadedModel):
+    """A LoadedModel whose forward passes run through its torch program instead of onnxruntime.
+
+    Made by `LoadedModel.with_reinitialized`, whose program no longer matches the ONNX graph; the
+    ONNX runner is kept only for its batch size. Outputs are looked up by their ONNX names.
+    """
+
+    def _outputs(self, x: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
+        by_name = {spec.onnx_output: spec.probe_index for spec in self.config.layers}
+        parts: list[list[np.ndarray]] = [[] for _ in outputs]
+        step = self.max_batch
+        with torch.no_grad():
+            for start in range(0, len(x), step):
+                xs = torch.from_numpy(np.ascontiguousarray(x[start : start + step], dtype=np.float32))
+                logits, activations = self.program.forward(xs, self.program.zero_probes(len(xs)))
+                for j, name in enumerate(outputs):
+                    value = logits if name == self.config.onnx_logits_output else activations[by_name[name]]
+                    parts[j].append(value.numpy())
+        return [np.concatenate(chunks) for chunks in parts]
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        (logits,) = self._outputs(x, [self.config.onnx_logits_output])
+        self._observe(self.name, "forward", len(x))
+        return logits
+
+    def forward(self, x: np.ndarray, layers: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        specs = [self.config.layer(name) for name in layers]
+        logits, *activations = self._outputs(x, [self.config.onnx_logits_output, *(spec.onnx_output for spec in specs)])
+        self._observe(self.name, "forward", len(x))
+        return logits, {spec.name: _as_seen_np(spec, act) for spec, act in zip(specs, activations, strict=True)}
+
+    def run_onnx(self, x: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
+        results = self._outputs(x, outputs)
         self._observe(self.name, "forward", len(x))
         return results

@@ -8,8 +8,10 @@ so no hooks are installed at request time and concurrent requests share one modu
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import math
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,3 +74,56 @@ class TorchRunner:
     def forward(self, x: torch.Tensor, probes: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         logits, *activations = self.module(x, tuple(probes))
         return logits, list(activations)
+
+    def parameter_layers(self) -> list[str]:
+        """The modules that own parameters, by path (e.g. "model.layer1.0.conv1"), input side first.
+
+        The order is the order the parameters were registered in, which for the usual
+        `nn.Module` definitions is the order of the forward pass.
+        """
+        layers: list[str] = []
+        for name, _ in self.module.named_parameters():
+            owner = name.rpartition(".")[0]
+            if owner not in layers:
+                layers.append(owner)
+        return layers
+
+    def reinitialized(self, layers: Sequence[str], seed: int) -> TorchRunner:
+        """A copy whose named layers (see `parameter_layers`) get freshly drawn parameters; this runner is untouched.
+
+        Each layer is drawn as torch initialises that kind of layer by default, read from its parameter
+        shapes: a layer with a weight of two or more dimensions (convolution, linear, embeddings) gets
+        U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every parameter (Kaiming-uniform with a = sqrt(5), as
+        `reset_parameters` does), fan_in = the weight's elements per output unit; a layer with only
+        one-dimensional parameters (a normalisation layer) gets weight 1, bias 0, running mean 0 and
+        running variance 1. Layer i of `parameter_layers` draws from its own generator seeded with
+        seed + 1 + i, so a layer gets the same values whichever other layers are re-drawn with it:
+        re-drawing a growing list of layers is cascading randomisation.
+        """
+        known = self.parameter_layers()
+        unknown = [layer for layer in layers if layer not in known]
+        if unknown:
+            raise ValueError(f"the program has no parameter layer {unknown[0]!r}")
+        module = copy.deepcopy(self.module)
+        parameters = dict(module.named_parameters())
+        buffers = dict(module.named_buffers())
+        with torch.no_grad():
+            for layer in layers:
+                generator = torch.Generator().manual_seed(seed + 1 + known.index(layer))
+                own = {name.rpartition(".")[2]: tensor for name, tensor in parameters.items() if name.rpartition(".")[0] == layer}
+                dense = [tensor for tensor in own.values() if tensor.dim() >= 2]
+                if dense:
+                    fan_in = math.prod(dense[0].shape[1:])
+                    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                    for tensor in own.values():
+                        tensor.copy_(torch.rand(tensor.shape, generator=generator) * 2 * bound - bound)
+                    continue
+                for short, tensor in own.items():
+                    tensor.fill_(1.0 if short == "weight" else 0.0)
+                for name, buffer in buffers.items():
+                    owner, _, short = name.rpartition(".")
+                    if owner == layer and short in ("running_mean", "running_var", "num_batches_tracked"):
+                        buffer.fill_(1 if short == "running_var" else 0)
+        runner = copy.copy(self)
+        runner.module = module
+        return runner
