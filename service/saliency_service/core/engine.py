@@ -210,13 +210,14 @@ class Engine:
         if job.method:
             resolved = self._resolve_method(model, call)
             baseline = self._baselines(model, call.baselines, len(job.images))
+            served = model
 
-            def explain(x: np.ndarray, targets: np.ndarray, other: LoadedModel | None = None) -> np.ndarray:
+            def explain(x: np.ndarray, targets: np.ndarray, model: LoadedModel | None = None) -> np.ndarray:
                 again = _Batch([], x, np.zeros(0), np.zeros(0), np.asarray(targets, dtype=np.int64), batch.foil)
                 base = baseline
                 if base is not None and len(base) != len(x):
                     base = np.repeat(base, len(x) // len(base), axis=0)  # k copies per item, item-major
-                return self._attribute(other or model, resolved, again, base, job.seed, _Timer()).maps
+                return self._attribute(model or served, resolved, again, base, job.seed, _Timer()).maps
 
         foils = None if batch.foil is None else np.full(len(batch.targets), batch.foil, dtype=np.int64)
         with timer.stage("score"):
