@@ -183,7 +183,9 @@ def test_a_single_blob_with_weak_evidence_outside_it() -> None:
     saliency[8:12, 0:3] = 1.0  # 12 px, bottom left
     saliency[0, 11] = 0.25  # below the threshold: not a blob, but still counts in the total
     result = _render("components", saliency)
-    assert result.text == "The positive evidence forms 1 blob: one in the bottom left covering 8% of the image holds 98% of the positive evidence."
+    assert result.text == (
+        "The positive evidence forms 1 blob: one in the bottom left covering 8% of the image holds 98% of the positive evidence."
+    )
     assert _blob_claims(result.text) == [("bottom left", round(100 * 12 / 144), round(100 * 12 / 12.25))]
     assert [f.share for f in result.facts] == pytest.approx([12 / 12.25])
 
