@@ -69,7 +69,7 @@ def convolution_filters(length: int) -> list[tuple[int, ...]]:
 
 def search(evidence: np.ndarray, filters: list[tuple[int, ...]], theta: float) -> list[Snippet]:
     """Slide each filter over the text; keep the index sets whose window score exceeds θ and whose tokens
-    under the filter's ones all carry this sign's evidence (>= 0). De-duplicated (best score kept), best first."""
+    under the filter's ones all carry this sign's evidence (>= 0). De-duplicated (best score kept), best first, ties in text order."""
     scaled = normalised(evidence)
     best: dict[tuple[int, ...], float] = {}
     for pattern in filters:
@@ -82,8 +82,8 @@ def search(evidence: np.ndarray, filters: list[tuple[int, ...]], theta: float) -
             indices = tuple(int(i) for i in start + ones)
             if score > theta and score > best.get(indices, -np.inf):
                 best[indices] = score
-    # Stable: equal scores keep the order they were first found in.
-    ranked = sorted(best.items(), key=lambda item: -item[1])
+    # Equal scores in text order, so the ranking does not depend on the order the filters are tried in.
+    ranked = sorted(best.items(), key=lambda item: (-item[1], item[0]))
     return [Snippet(indices, score, coverage(indices, evidence)) for indices, score in ranked]
 
 
@@ -110,14 +110,21 @@ def merge_runs(indices: set[int]) -> list[tuple[int, ...]]:
     return [tuple(run) for run in runs]
 
 
+def trimmed(run: tuple[int, ...], evidence: np.ndarray) -> tuple[int, ...]:
+    """The run without the tokens at its ends that carry none of this sign's evidence (ours: SMV keeps them,
+    so a strong token among zeros became a phrase of zeros)."""
+    carrying = [k for k, i in enumerate(run) if evidence[i] > 0]
+    return run[carrying[0] : carrying[-1] + 1] if carrying else ()
+
+
 def summary(evidence: np.ndarray, spans: list[Snippet], convolutions: list[Snippet], top_k: int, keep_all: bool) -> list[Snippet]:
     """SMV's summary: the union of the top-k snippets by coverage of the convolution search, the span search
-    and single tokens, merged into runs of consecutive tokens; the runs with coverage at or above the
+    and single tokens, merged into runs of consecutive tokens (trimmed of ends without evidence); the runs with coverage at or above the
     75th percentile of the runs' coverages are kept (all of them when `keep_all`), the top run always; by coverage."""
     by_coverage = [sorted(found, key=lambda s: -s.coverage)[:top_k] for found in (convolutions, spans)]
     singles = sorted(total_order(evidence), key=lambda s: -s.coverage)[:top_k]
     union = {i for found in [*by_coverage, singles] for snippet in found for i in snippet.indices}
-    runs = [Snippet(run, 0.0, coverage(run, evidence)) for run in merge_runs(union)]
+    runs = [Snippet(run, 0.0, coverage(run, evidence)) for run in (trimmed(run, evidence) for run in merge_runs(union)) if run]
     if not runs:
         return []
     runs.sort(key=lambda s: -s.coverage)
