@@ -71,10 +71,10 @@ def checked_map(saliency: np.ndarray | None, owner: str) -> np.ndarray:
 
 
 def ranked_facts(shares: np.ndarray, names: Sequence[str], sign: str, limit: int | None, min_share: float) -> tuple[Fact, ...]:
-    """Units by descending share, at most `limit` (None: all), those below `min_share` left out; the top one always named."""
+    """Units by descending share, at most `limit` (None: all), those below `min_share` or empty left out; the top one always named."""
     # Stable sort: equal shares keep the units' order (reading order for the grid).
     ranked = [int(i) for i in np.argsort(-shares, kind="stable")]
-    named = ranked[:1] + [i for i in ranked[1:limit] if shares[i] >= min_share]
+    named = ranked[:1] + [i for i in ranked[1:limit] if shares[i] >= min_share and shares[i] > 0]
     return tuple(Fact(region=names[i], share=float(shares[i]), sign=sign, rank=rank) for rank, i in enumerate(named))
 
 
