@@ -393,6 +393,146 @@ CASES: dict[str, tuple[Callable[[pb_grpc.SaliencyServiceStub], object], grpc.Sta
         INVALID,
         "BASELINE_EMPTY",
     ),
+    # Verbalize (issue 5): tokens, named regions, labels, styles and custom templates.
+    "tokens and attributions of different lengths": (
+        lambda s: s.Verbalize(pb.VerbalizeRequest(tokens=[pb.TokenAttributions(tokens=["a", "b"], attributions=[1.0])])),
+        INVALID,
+        "TOKEN_COUNT_MISMATCH",
+    ),
+    "a token text without tokens": (
+        lambda s: s.Verbalize(pb.VerbalizeRequest(tokens=[pb.TokenAttributions()])),
+        INVALID,
+        "NO_TOKENS",
+    ),
+    "tokens with an image form": (
+        lambda s: s.Verbalize(
+            pb.VerbalizeRequest(template="grid_regions", tokens=[pb.TokenAttributions(tokens=["a"], attributions=[1.0])])
+        ),
+        INVALID,
+        "TOKENS_NOT_USED",
+    ),
+    "a token form without tokens": (
+        lambda s: s.Verbalize(pb.VerbalizeRequest(template="token_summary", saliency=[_tensor(np.ones((4, 4), np.float32)).tensor])),
+        INVALID,
+        "TOKENS_REQUIRED",
+    ),
+    "tokens with a model": (
+        lambda s: s.Verbalize(
+            pb.VerbalizeRequest(model="shapes", images=[_tensor(GOOD)], tokens=[pb.TokenAttributions(tokens=["a"], attributions=[1.0])])
+        ),
+        INVALID,
+        "AMBIGUOUS_INPUT",
+    ),
+    "a text longer than max_words": (
+        lambda s: s.Verbalize(
+            pb.VerbalizeRequest(
+                template="token_spans",
+                template_params=_params(max_words=3),
+                tokens=[pb.TokenAttributions(tokens=["a"] * 4, attributions=[1.0] * 4)],
+            )
+        ),
+        INVALID,
+        "TOO_MANY_TOKENS",
+    ),
+    "unknown style": (
+        lambda s: s.Verbalize(pb.VerbalizeRequest(style="poetic", saliency=[_tensor(np.ones((4, 4), np.float32)).tensor])),
+        NOT_FOUND,
+        "UNKNOWN_STYLE",
+    ),
+    "unknown detail": (
+        lambda s: s.Verbalize(pb.VerbalizeRequest(detail="verbose", saliency=[_tensor(np.ones((4, 4), np.float32)).tensor])),
+        INVALID,
+        "INVALID_DETAIL",
+    ),
+    "unknown placeholder": (
+        lambda s: s.Verbalize(
+            pb.VerbalizeRequest(
+                custom_templates={"grid_regions.first": "{percentage} in {region}"}, saliency=[_tensor(np.ones((4, 4), np.float32)).tensor]
+            )
+        ),
+        INVALID,
+        "UNKNOWN_PLACEHOLDER",
+    ),
+    "unknown template key": (
+        lambda s: s.Verbalize(
+            pb.VerbalizeRequest(custom_templates={"grid.first": "{percent}"}, saliency=[_tensor(np.ones((4, 4), np.float32)).tensor])
+        ),
+        INVALID,
+        "UNKNOWN_TEMPLATE_KEY",
+    ),
+    "region sets for a form that has none": (
+        lambda s: s.Verbalize(
+            pb.VerbalizeRequest(
+                saliency=[_tensor(np.ones((4, 4), np.float32)).tensor],
+                regions=[pb.RegionSet(regions=[pb.NamedRegion(name="dog", mask=_tensor(np.ones((4, 4), np.uint8)).tensor)])],
+            )
+        ),
+        INVALID,
+        "REGIONS_NOT_USED",
+    ),
+    "named regions without regions": (
+        lambda s: s.Verbalize(pb.VerbalizeRequest(template="named_regions", saliency=[_tensor(np.ones((4, 4), np.float32)).tensor])),
+        INVALID,
+        "REGIONS_REQUIRED",
+    ),
+    "region set count mismatch": (
+        lambda s: s.Verbalize(
+            pb.VerbalizeRequest(
+                template="named_regions",
+                saliency=[_tensor(np.ones((4, 4), np.float32)).tensor] * 3,
+                regions=[pb.RegionSet(regions=[pb.NamedRegion(name="dog", mask=_tensor(np.ones((4, 4), np.uint8)).tensor)])] * 2,
+            )
+        ),
+        INVALID,
+        "REGION_SET_COUNT_MISMATCH",
+    ),
+    "a region name twice": (
+        lambda s: s.Verbalize(
+            pb.VerbalizeRequest(
+                template="named_regions",
+                saliency=[_tensor(np.ones((4, 4), np.float32)).tensor],
+                regions=[pb.RegionSet(regions=[pb.NamedRegion(name="dog", mask=_tensor(np.ones((4, 4), np.uint8)).tensor)] * 2)],
+            )
+        ),
+        INVALID,
+        "DUPLICATE_REGION_NAME",
+    ),
+    "a region mask of the wrong size": (
+        lambda s: s.Verbalize(
+            pb.VerbalizeRequest(
+                template="named_regions",
+                saliency=[_tensor(np.ones((4, 4), np.float32)).tensor],
+                regions=[
+                    pb.RegionSet(regions=[pb.NamedRegion(name="dog", mask=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[4, 4], data=b"\x01"))])
+                ],
+            )
+        ),
+        INVALID,
+        "TENSOR_SIZE_MISMATCH",
+    ),
+    "labels without a model": (
+        lambda s: s.Verbalize(
+            pb.VerbalizeRequest(labels=[pb.Target(label="star")], saliency=[_tensor(np.ones((4, 4), np.float32)).tensor])
+        ),
+        INVALID,
+        "LABELS_NEED_MODEL",
+    ),
+    "label count mismatch": (
+        lambda s: s.Verbalize(
+            pb.VerbalizeRequest(
+                model="shapes", method="grad_cam", images=[_tensor(GOOD)], labels=[pb.Target(label="star"), pb.Target(label="circle")]
+            )
+        ),
+        INVALID,
+        "LABEL_COUNT_MISMATCH",
+    ),
+    "unknown true label": (
+        lambda s: s.Verbalize(
+            pb.VerbalizeRequest(model="shapes", method="grad_cam", images=[_tensor(GOOD)], labels=[pb.Target(label="dragon")])
+        ),
+        NOT_FOUND,
+        "UNKNOWN_LABEL",
+    ),
 }
 
 

@@ -301,3 +301,88 @@ def test_score_localisation_ranks_grad_cam_above_the_random_floor(client: Salien
     # The mask itself, sent as the map, is the perfect localisation.
     perfect = client.score("shapes", images, metric="relevance_rank", saliency=[m.astype(np.float32) for m in masks], masks=masks)
     assert [r.value for r in perfect] == pytest.approx([1.0] * len(samples))
+
+
+# --- Verbalize: token forms, named regions, contrast, correctness, styles (issue 5) ---------------------------
+
+TOKEN_TEXT = "the film was not good at all".split()
+
+
+def test_verbalize_tokens_model_free(client: SaliencyClient) -> None:
+    values = [0.0, 0.0, 0.0, 0.3, 0.7, 0.0, -0.2]
+    (order,) = client.verbalize(tokens=TOKEN_TEXT, attributions=values, template="token_order", params={"sign": "both"})
+    assert order.text == (
+        "Top tokens: token 'good' with 70.00% of the positive evidence; token 'not' with 30.00% of the positive evidence. "
+        "Top tokens: token 'all' with 100.00% of the negative evidence."
+    )
+    assert [(f.kind, f.region, f.start, f.end, f.sign) for f in order.facts] == [
+        ("token", "good", 4, 5, "positive"),
+        ("token", "not", 3, 4, "positive"),
+        ("token", "all", 6, 7, "negative"),
+    ]
+    # Several texts at once; without a template the server picks the summary for tokens.
+    first, second = client.verbalize(tokens=[TOKEN_TEXT, ["great"]], attributions=[values, np.array([2.0])])
+    assert first.template == "token_summary" and second.template == "token_summary"
+    assert first.text == "The phrase » not good « is most important for the prediction (100.00%)."
+    assert second.text == "The word » great « is most important for the prediction (100.00%)."
+    assert (first.facts[0].kind, first.facts[0].start, first.facts[0].end, first.facts[0].share) == ("span", 3, 5, 1.0)
+    catalog = {t.name for t in client.list_methods().templates}
+    assert {"token_order", "token_spans", "token_convolution", "token_compare", "token_summary", "named_regions"} <= catalog
+
+
+def test_verbalize_named_regions_through_the_rpc(client: SaliencyClient) -> None:
+    saliency = np.zeros((40, 40), np.float32)
+    saliency[:, :20] = 0.7 / 800  # 70% on the left half
+    saliency[:20, 20:] = 0.3 / 400  # 30% on the top right quarter
+    left = np.zeros((40, 40), np.uint8)
+    left[:, :20] = 1
+    corner = np.zeros((40, 40), bool)
+    corner[:20, 20:] = True
+    (result,) = client.verbalize(saliency=[saliency], template="named_regions", regions={"dog": left, "ball": corner})
+    assert result.text == "70% of the positive evidence lies in 'dog'; 'ball' adds 30%; 0% lies outside the named regions."
+    assert [(f.region, round(f.share, 6)) for f in result.facts] == [("dog", 0.7), ("ball", 0.3), ("", 0.0)]
+    # Masks at another resolution are resized to the map (bilinear, kept where >= 0.5): the edges move by a pixel at most.
+    (small,) = client.verbalize(saliency=[saliency], template="named_regions", regions={"dog": left[::4, ::4], "ball": corner[::4, ::4]})
+    assert [f.share for f in small.facts[:2]] == pytest.approx([0.7, 0.3], abs=0.01)
+    (terse,) = client.verbalize(
+        saliency=[saliency], template="named_regions", regions=[{"dog": left, "ball": corner}], style="terse", detail="short"
+    )
+    assert terse.text == "evidence: dog 70%; outside 0%."
+    (custom,) = client.verbalize(
+        saliency=[saliency],
+        template="named_regions",
+        regions={"dog": left, "ball": corner},
+        custom_templates={"named_regions.first": "{region} holds {percent}%"},
+    )
+    assert custom.text.startswith("dog holds 70%; 'ball' adds 30%")
+
+
+def test_verbalize_contrast_and_correctness_from_the_model(client: SaliencyClient, samples: list[Sample]) -> None:
+    sample = samples[2]
+    (explanation,) = client.explain("shapes", [sample.image], method="grad_cam")
+    predicted = explanation.predicted_label
+    foil = next(label for label in LABELS if label != predicted)
+    wrong = next(label for label in LABELS if label != predicted)
+    (result,) = client.verbalize("shapes", [sample.image], method="grad_cam", foil=foil, labels=wrong)
+    kinds = [f.kind for f in result.facts]
+    assert kinds[:2] == ["prediction", "correctness"] and kinds[-1] == "contrast"
+    prediction, correctness, contrast = result.facts[0], result.facts[1], result.facts[-1]
+    assert (prediction.region, correctness.region, correctness.value) == (predicted, wrong, 0.0)
+    assert prediction.value == pytest.approx(explanation.probabilities[explanation.predicted], abs=1e-6)
+    assert f"The model predicts '{predicted}' ({prediction.value:.2f})." in result.text
+    assert f"The prediction is wrong: the true class is '{wrong}', not '{predicted}'." in result.text
+    foil_probability = float(explanation.probabilities[LABELS.index(foil)])
+    assert contrast.value == pytest.approx(foil_probability, abs=1e-6)
+    top = next(f for f in result.facts if f.kind == "region" and f.sign == "positive")
+    assert (contrast.region, contrast.share) == (top.region, top.share)
+    stated = re.search(r"rather than '[^']+' \((\d\.\d\d)\) mainly because of the ([a-z ]+) region, which holds (\d+)%", result.text)
+    assert stated is not None, result.text
+    assert (float(stated.group(1)), stated.group(2), int(stated.group(3))) == (
+        round(foil_probability, 2),
+        top.region,
+        round(100 * top.share),
+    )
+    assert result.provenance is not None and result.provenance.foil_label == foil
+    (right,) = client.verbalize("shapes", [sample.image], method="grad_cam", labels=[predicted])
+    assert f"The prediction is correct: the true class is '{predicted}'." in right.text
+    assert [f.value for f in right.facts if f.kind == "correctness"] == [1.0]

@@ -543,3 +543,38 @@ async def test_cli_explain_writes_an_overlay_and_prints_the_verbalization(
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["NAME", "VERSION", "READY", "REASON"]
     assert table[1].split() == ["shapes", "1", "yes"]
+
+
+def test_verbalize_request_carries_tokens_labels_regions_and_styles() -> None:
+    one = _codec.verbalize_request(None, None, "grad_cam", None, None, None, None, None, None, 0, tokens=["a", "b"], attributions=[0.5, -1])
+    assert [(list(t.tokens), list(t.attributions)) for t in one.tokens] == [(["a", "b"], [0.5, -1.0])]
+    assert one.method == "" and one.template == ""  # tokens replace the method; the server picks the form
+    several = _codec.verbalize_request(
+        None,
+        None,
+        "grad_cam",
+        None,
+        None,
+        "token_order",
+        None,
+        None,
+        None,
+        0,
+        tokens=[["a"], ["b", "c"]],
+        attributions=[[1], np.array([2.0, 3.0])],
+    )
+    assert [len(t.tokens) for t in several.tokens] == [1, 2]
+    mask = np.zeros((4, 4), bool)
+    mask[1:3, 1:3] = True
+    request = _codec.verbalize_request(
+        "shapes", [np.zeros((8, 8, 3), np.uint8)], "grad_cam", None, None, "named_regions", None, None, None, 0,
+        labels="star", regions={"dog": mask}, detail="short", style="terse", custom_templates={"named_regions.more": "{region}"},
+    )  # fmt: skip
+    assert [t.label for t in request.labels] == ["star"]
+    (region,) = request.regions[0].regions
+    assert region.name == "dog" and region.mask.dtype == pb.DATA_TYPE_UINT8 and sum(region.mask.data) == 4
+    assert (request.detail, request.style, dict(request.custom_templates)) == ("short", "terse", {"named_regions.more": "{region}"})
+    with pytest.raises(ValueError, match="one attribution sequence per text"):
+        _codec.verbalize_request(None, None, "", None, None, None, None, None, None, 0, tokens=[["a"], ["b"]], attributions=[[1.0]])
+    with pytest.raises(ValueError, match="go together"):
+        _codec.verbalize_request(None, None, "", None, None, None, None, None, None, 0, tokens=["a"])

@@ -84,8 +84,10 @@ def test_a_seventy_thirty_split_names_both_cells_in_order() -> None:
     assert result.text == (
         "The model predicts 'star' (0.97). 70% of the positive evidence lies in the bottom right region; top left adds 30%."
     )
-    assert [f.region for f in result.facts] == ["bottom right", "top left"]
-    assert [f.share for f in result.facts] == pytest.approx([0.7, 0.3])
+    prediction, *regions = result.facts
+    assert (prediction.kind, prediction.region, prediction.value) == ("prediction", "star", 0.97)
+    assert [f.region for f in regions] == ["bottom right", "top left"]
+    assert [f.share for f in regions] == pytest.approx([0.7, 0.3])
 
 
 def test_negative_regions_are_not_evidence() -> None:
@@ -103,7 +105,7 @@ def test_negative_regions_are_not_evidence() -> None:
 def test_no_positive_evidence(saliency: np.ndarray) -> None:
     result = _render(saliency, label="circle", probability=0.5)
     assert result.text == "The model predicts 'circle' (0.50). The map holds no positive evidence."
-    assert result.facts == ()
+    assert [f.kind for f in result.facts] == ["prediction"]
     assert _render(saliency).text == "The map holds no positive evidence."
 
 

@@ -24,7 +24,7 @@ POSITIVE = re.compile(r"(\d+)% of the positive evidence lies in the ([a-z ]+?) r
 NEGATIVE = re.compile(r"(\d+)% of the negative evidence(?: \(against '[^']*'\))? lies in the ([a-z ]+?) region")
 MORE = re.compile(r"; ([a-z ]+?) adds (\d+)%")
 BLOB = re.compile(r"one in the ([a-z ]+?) covering (\d+)%(?: of the image)? holds (\d+)%")
-COUNT = re.compile(r"The evidence forms (\d+) blobs?")
+COUNT = re.compile(r"The positive evidence forms (\d+) blobs?")
 
 
 def _render(
@@ -95,7 +95,8 @@ def test_negative_names_the_negative_block() -> None:
     result = _render("grid_regions", _signed_blocks(), label="star", probability=0.97, sign="negative")
     assert result.text == "The model predicts 'star' (0.97). 100% of the negative evidence (against 'star') lies in the top right region."
     assert _grid_claims(result.text, NEGATIVE) == [("top right", 100)]
-    assert [(f.region, f.share, f.sign, f.rank) for f in result.facts] == [("top right", 1.0, "negative", 0)]
+    assert [(f.kind, f.region, f.value) for f in result.facts[:1]] == [("prediction", "star", 0.97)]
+    assert [(f.region, f.share, f.sign, f.rank) for f in result.facts[1:]] == [("top right", 1.0, "negative", 0)]
     assert POSITIVE.search(result.text) is None
 
 
@@ -158,12 +159,14 @@ def _two_blobs() -> np.ndarray:
 def test_two_blobs_with_a_seventy_thirty_split() -> None:
     result = _render("components", _two_blobs(), label="star", probability=0.97)
     assert result.text == (
-        "The model predicts 'star' (0.97). The evidence forms 2 blobs: one in the centre covering 8% of the image "
+        "The model predicts 'star' (0.97). The positive evidence forms 2 blobs: one in the centre covering 8% of the image "
         "holds 70% of the positive evidence; one in the top left covering 3% holds 30%."
     )
     assert _blob_claims(result.text) == [("centre", round(100 * 70 / 900), 70), ("top left", round(100 * 30 / 900), 30)]
-    assert [(f.region, f.sign, f.rank) for f in result.facts] == [("centre blob", "positive", 0), ("top left blob", "positive", 1)]
-    assert [f.share for f in result.facts] == pytest.approx([0.7, 0.3])
+    blobs = [f for f in result.facts if f.kind == "component"]
+    assert [(f.region, f.sign, f.rank) for f in blobs] == [("centre blob", "positive", 0), ("top left blob", "positive", 1)]
+    assert [f.share for f in blobs] == pytest.approx([0.7, 0.3])
+    assert [f.value for f in blobs] == pytest.approx([70 / 900, 30 / 900])  # sizes: pixels over the image area
     assert result.template == "components"
 
 
@@ -180,7 +183,9 @@ def test_a_single_blob_with_weak_evidence_outside_it() -> None:
     saliency[8:12, 0:3] = 1.0  # 12 px, bottom left
     saliency[0, 11] = 0.25  # below the threshold: not a blob, but still counts in the total
     result = _render("components", saliency)
-    assert result.text == "The evidence forms 1 blob: one in the bottom left covering 8% of the image holds 98% of the positive evidence."
+    assert result.text == (
+        "The positive evidence forms 1 blob: one in the bottom left covering 8% of the image holds 98% of the positive evidence."
+    )
     assert _blob_claims(result.text) == [("bottom left", round(100 * 12 / 144), round(100 * 12 / 12.25))]
     assert [f.share for f in result.facts] == pytest.approx([12 / 12.25])
 
@@ -195,7 +200,7 @@ def test_diagonal_pixels_join_one_blob() -> None:
 def test_components_without_positive_evidence(saliency: np.ndarray) -> None:
     result = _render("components", saliency, label="circle", probability=0.5)
     assert result.text == "The model predicts 'circle' (0.50). The map holds no positive evidence."
-    assert result.facts == ()
+    assert [f.kind for f in result.facts] == ["prediction"]
 
 
 def test_threshold_changes_which_pixels_form_blobs() -> None:
@@ -257,4 +262,4 @@ def test_zero_threshold_is_out_of_range() -> None:
 
 def test_defaults() -> None:
     assert resolve_params(TEMPLATES.get("grid_regions").params, {}, "grid_regions")["sign"] == "positive"
-    assert resolve_params(TEMPLATES.get("components").params, {}, "components") == {"threshold": 0.5, "max_regions": 2}
+    assert resolve_params(TEMPLATES.get("components").params, {}, "components") == {"threshold": 0.5, "max_regions": 2, "sign": "positive"}

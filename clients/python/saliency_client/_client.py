@@ -18,7 +18,7 @@ from saliency.v1 import saliency_service_pb2 as pb
 from saliency.v1 import saliency_service_pb2_grpc as pb_grpc
 
 from . import _codec
-from ._codec import Images, SaliencyMaps, TargetLike
+from ._codec import Attributions, Images, Regions, SaliencyMaps, TargetLike, Tokens
 from ._errors import UnavailableError, map_rpc_errors
 from ._types import Explanation, MethodCatalog, ModelInfo, Progress, ScoreResult, Verbalization
 
@@ -167,7 +167,7 @@ class SaliencyClient:
         target: TargetLike = None,
         params: Mapping[str, Any] | None = None,
         *,
-        template: str = "grid_regions",
+        template: str | None = None,
         method_params: Mapping[str, Any] | None = None,
         saliency: SaliencyMaps | None = None,
         layer: str | None = None,
@@ -175,9 +175,43 @@ class SaliencyClient:
         foil: TargetLike = None,
         baselines: Images | None = None,
         seed: int = 0,
+        tokens: Tokens | None = None,
+        attributions: Attributions | None = None,
+        labels: TargetLike | Sequence[int | str] = None,
+        regions: Regions | None = None,
+        detail: str | None = None,
+        style: str | None = None,
+        custom_templates: Mapping[str, str] | None = None,
     ) -> list[Verbalization]:
-        """Say what each map shows; `params` are the template's. `verbalize(saliency=[m])` needs no model."""
-        request = _codec.verbalize_request(model, images, method, target, params, template, method_params, saliency, layer, seed)
+        """Say what each map (or token text) shows; `params` are the template's.
+
+        Three inputs: a model's explanation (`model`, `images`, `method`); maps alone (`saliency=[m]`);
+        or token attributions alone (`tokens=[...]`, `attributions=[...]`, one text or lists of several).
+        `template`: the form (default: grid_regions for maps, token_summary for tokens). `labels`: the true
+        class (one, or one per image) for the correctness line. `foil`: a contrast class, and the text says
+        why the target rather than the foil. `regions`: name -> mask for named_regions (one dict, or one per
+        image). `detail`: short, standard or detailed. `style`: a style id (plain, terse, ...).
+        `custom_templates`: key -> text with {placeholders}, replacing the style's texts.
+        """
+        request = _codec.verbalize_request(
+            model,
+            images,
+            method,
+            target,
+            params,
+            template,
+            method_params,
+            saliency,
+            layer,
+            seed,
+            tokens=tokens,
+            attributions=attributions,
+            labels=labels,
+            regions=regions,
+            detail=detail,
+            style=style,
+            custom_templates=custom_templates,
+        )
         _codec.add_method_options(request, foil, layers, baselines)
         return self._call("Verbalize", request, _codec.verbalizations)
 
@@ -301,7 +335,7 @@ class AsyncSaliencyClient:
         target: TargetLike = None,
         params: Mapping[str, Any] | None = None,
         *,
-        template: str = "grid_regions",
+        template: str | None = None,
         method_params: Mapping[str, Any] | None = None,
         saliency: SaliencyMaps | None = None,
         layer: str | None = None,
@@ -309,9 +343,43 @@ class AsyncSaliencyClient:
         foil: TargetLike = None,
         baselines: Images | None = None,
         seed: int = 0,
+        tokens: Tokens | None = None,
+        attributions: Attributions | None = None,
+        labels: TargetLike | Sequence[int | str] = None,
+        regions: Regions | None = None,
+        detail: str | None = None,
+        style: str | None = None,
+        custom_templates: Mapping[str, str] | None = None,
     ) -> list[Verbalization]:
-        """Say what each map shows; `params` are the template's. `verbalize(saliency=[m])` needs no model."""
-        request = _codec.verbalize_request(model, images, method, target, params, template, method_params, saliency, layer, seed)
+        """Say what each map (or token text) shows; `params` are the template's.
+
+        Three inputs: a model's explanation (`model`, `images`, `method`); maps alone (`saliency=[m]`);
+        or token attributions alone (`tokens=[...]`, `attributions=[...]`, one text or lists of several).
+        `template`: the form (default: grid_regions for maps, token_summary for tokens). `labels`: the true
+        class (one, or one per image) for the correctness line. `foil`: a contrast class, and the text says
+        why the target rather than the foil. `regions`: name -> mask for named_regions (one dict, or one per
+        image). `detail`: short, standard or detailed. `style`: a style id (plain, terse, ...).
+        `custom_templates`: key -> text with {placeholders}, replacing the style's texts.
+        """
+        request = _codec.verbalize_request(
+            model,
+            images,
+            method,
+            target,
+            params,
+            template,
+            method_params,
+            saliency,
+            layer,
+            seed,
+            tokens=tokens,
+            attributions=attributions,
+            labels=labels,
+            regions=regions,
+            detail=detail,
+            style=style,
+            custom_templates=custom_templates,
+        )
         _codec.add_method_options(request, foil, layers, baselines)
         return await self._call("Verbalize", request, _codec.verbalizations)
 

@@ -43,6 +43,12 @@ Images: TypeAlias = "ImageLike | Sequence[ImageLike]"
 SaliencyMaps: TypeAlias = "npt.NDArray[Any] | Sequence[npt.NDArray[Any]]"
 #: The class to explain: None for the predicted class, an index, or a label.
 TargetLike: TypeAlias = "int | str | None"
+#: One text's tokens, or a sequence of texts' tokens.
+Tokens: TypeAlias = "Sequence[str] | Sequence[Sequence[str]]"
+#: One text's attributions (one number per token), or one sequence per text.
+Attributions: TypeAlias = "Sequence[float] | npt.NDArray[Any] | Sequence[Sequence[float] | npt.NDArray[Any]]"
+#: Caller-named regions: name -> height x width mask (nonzero inside), shared by every image, or one dict per image.
+Regions: TypeAlias = "Mapping[str, npt.NDArray[Any]] | Sequence[Mapping[str, npt.NDArray[Any]]]"
 
 _UINT64_LIMIT = 2**64
 _ARRAY_DTYPES: dict[int, np.dtype[Any]] = {
@@ -257,25 +263,93 @@ def verbalize_request(
     method: str,
     target: TargetLike,
     params: Mapping[str, Any] | None,
-    template: str,
+    template: str | None,
     method_params: Mapping[str, Any] | None,
     saliency: SaliencyMaps | None,
     layer: str | None,
     seed: int,
+    *,
+    tokens: Tokens | None = None,
+    attributions: Attributions | None = None,
+    labels: TargetLike | Sequence[int | str] = None,
+    regions: Regions | None = None,
+    detail: str | None = None,
+    style: str | None = None,
+    custom_templates: Mapping[str, str] | None = None,
 ) -> pb.VerbalizeRequest:
     """The VerbalizeRequest for `SaliencyClient.verbalize`; `params` are the template's."""
+    token_texts = token_messages(tokens, attributions)
     return pb.VerbalizeRequest(
         model=model or "",
         images=image_messages(images) if images is not None else [],
-        method=method if saliency is None else "",
+        # Supplied maps or tokens replace the method: the default method name is not sent with them.
+        method=method if saliency is None and not token_texts else "",
         method_params=params_struct(method_params, "method_params"),
         target=target_message(target),
         layer=layer or "",
         seed=_seed(seed),
-        template=template,
+        template=template or "",
         template_params=params_struct(params),
         saliency=saliency_messages(saliency),
+        tokens=token_texts,
+        labels=label_messages(labels),
+        regions=region_sets(regions),
+        detail=detail or "",
+        style=style or "",
+        custom_templates=dict(custom_templates or {}),
     )
+
+
+def token_messages(tokens: Tokens | None, attributions: Attributions | None) -> list[pb.TokenAttributions]:
+    """Token texts with their attributions: one text (a sequence of str and one of numbers) or several."""
+    if tokens is None and attributions is None:
+        return []
+    if tokens is None or attributions is None:
+        raise ValueError("tokens and attributions go together: send both, one attribution per token")
+    if isinstance(tokens, str) or not isinstance(tokens, Sequence):
+        raise TypeError(f"tokens: expected a sequence of str (one text) or of sequences of str, got {type(tokens).__name__}")
+    one = len(tokens) > 0 and isinstance(tokens[0], str)
+    texts: list[Sequence[str]] = [tokens] if one else list(tokens)  # type: ignore[list-item]
+    values: list[Any] = [attributions] if one else list(attributions)
+    if len(texts) != len(values):
+        raise ValueError(f"tokens has {len(texts)} texts and attributions {len(values)}; send one attribution sequence per text")
+    messages = []
+    for i, (text, numbers) in enumerate(zip(texts, values, strict=True)):
+        if isinstance(text, str) or not all(isinstance(token, str) for token in text):
+            raise TypeError(f"tokens[{i}]: expected a sequence of str")
+        array = np.asarray(numbers, dtype=np.float64)
+        if array.ndim != 1:
+            raise ValueError(f"attributions[{i}]: expected one number per token, got shape {array.shape}")
+        messages.append(pb.TokenAttributions(tokens=list(text), attributions=array.tolist()))
+    return messages
+
+
+def label_messages(labels: TargetLike | Sequence[int | str]) -> list[pb.Target]:
+    """True classes (one shared, or one per image) as proto `Target`s."""
+    if labels is None:
+        return []
+    items = [labels] if isinstance(labels, (int, str, np.integer)) else list(labels)
+    messages = []
+    for label in items:
+        message = target_message(label)
+        if message is None:
+            raise TypeError("labels: expected class indices or labels, got None")
+        messages.append(message)
+    return messages
+
+
+def region_sets(regions: Regions | None) -> list[pb.RegionSet]:
+    """Named regions (name -> mask), one dict shared by every image or one per image, as proto `RegionSet`s."""
+    if regions is None:
+        return []
+    sets = [regions] if isinstance(regions, Mapping) else list(regions)
+    messages = []
+    for s, named in enumerate(sets):
+        if not isinstance(named, Mapping):
+            raise TypeError(f"regions[{s}]: expected a dict of name -> mask, got {type(named).__name__}")
+        masks = mask_messages([np.asarray(mask) for mask in named.values()])
+        messages.append(pb.RegionSet(regions=[pb.NamedRegion(name=str(name), mask=mask) for name, mask in zip(named, masks, strict=True)]))
+    return messages
 
 
 def add_method_options(

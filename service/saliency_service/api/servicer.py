@@ -68,7 +68,8 @@ class SaliencyServicer(pb_grpc.SaliencyServiceServicer):
 
     async def Verbalize(self, request: pb.VerbalizeRequest, context: Context) -> pb.VerbalizeResponse:
         job = codec.verbalize_job(request)
-        items = await self.pool.run("Verbalize", lambda: self.engine.verbalize(job), context, len(job.images) or len(job.saliency))
+        inputs = len(job.images) or len(job.saliency) or len(job.tokens)
+        items = await self.pool.run("Verbalize", lambda: self.engine.verbalize(job), context, inputs)
         return codec.verbalize_response(items)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from saliency_service.core.errors import InvalidArgument
+from saliency_service.core.errors import InvalidArgument, ResourceExhausted
 from saliency_service.core.images import (
     ImageLimits,
     check_batch,
@@ -42,9 +42,15 @@ from saliency_service.core.types import (
     TokenAttributions,
     Verbalization,
 )
-from saliency_service.core.verbalize import TEMPLATES, VerbalizeInput
+from saliency_service.core.verbalize import TEMPLATES, Template, VerbalizeInput
+from saliency_service.core.verbalize.base import Outcome
+from saliency_service.core.verbalize.phrasebook import load_styles, phrases_for
+from saliency_service.core.verbalize.token_forms import checked_tokens
 
 DEFAULT_TEMPLATE = "grid_regions"
+DEFAULT_TOKEN_TEMPLATE = "token_summary"
+MAX_REGIONS = 64
+"""Most named regions in one set."""
 SUPPLIED = "supplied"
 
 
@@ -171,6 +177,7 @@ class Engine:
     def __init__(self, repository: ModelRepository, limits: ImageLimits = ImageLimits()) -> None:
         self.repository = repository
         self.limits = limits
+        load_styles()  # a broken style file stops the server at start, not the first Verbalize
 
     # ---- use cases ----
 
@@ -283,47 +290,148 @@ class Engine:
         return np.stack([resize_mask(decode_mask(tensor, i, self.limits), spec.height, spec.width) for i, tensor in enumerate(masks)])
 
     def verbalize(self, job: VerbalizeJob) -> list[Verbalization]:
+        """One text per map (the model's, or the caller's) or per token text, in the request's style and detail."""
         timer = _Timer()
-        name = job.template or DEFAULT_TEMPLATE
+        name = job.template or (DEFAULT_TOKEN_TEMPLATE if job.tokens else DEFAULT_TEMPLATE)
         template_cls = TEMPLATES.get(name)
         template_params = resolve_params(template_cls.params, job.template_params, f"template '{name}'")
+        phrases = phrases_for(job.style, job.detail, job.custom_templates)
         template = template_cls()
-        unsupported = [
-            name
-            for name, value in (("tokens", job.tokens), ("labels", job.labels), ("regions", job.regions), ("detail", job.detail),
-                                ("style", job.style), ("custom_templates", job.custom_templates))
-            if value
-        ]
-        if unsupported:
-            raise InvalidArgument(
-                "FIELD_NOT_SUPPORTED",
-                f"this server does not support {', '.join(unsupported)} in Verbalize yet; leave them empty",
-                {"fields": ",".join(unsupported)},
-            )
+        self._check_template_input(template_cls, job)
+        if job.tokens:
+            check_batch(job.tokens, self.limits, "token texts")
+            checked = [checked_tokens(tokens, i) for i, tokens in enumerate(job.tokens)]
+            with timer.stage("verbalize"):
+                return [template.render(VerbalizeInput(None, None, None, template_params, tokens=t, phrases=phrases)) for t in checked]
         if not job.model:
             # Model-free: the caller's maps alone.
             if job.images or job.method:
                 raise InvalidArgument(
                     "MODEL_REQUIRED", "images or a method were sent without a model; name the model, or send only `saliency` maps"
                 )
+            if job.labels:
+                raise InvalidArgument(
+                    "LABELS_NEED_MODEL", "`labels` are compared with a model's prediction; name the model, or drop `labels`"
+                )
             check_batch(job.saliency, self.limits, "saliency maps")
             maps = [decode_map(tensor, i, self.limits) for i, tensor in enumerate(job.saliency)]
+            regions = self._regions(job.regions, [m.shape for m in maps])
             with timer.stage("verbalize"):
-                return [template.render(VerbalizeInput(saliency, None, None, template_params)) for saliency in maps]
+                return [
+                    template.render(VerbalizeInput(saliency, None, None, template_params, regions=regions[i], phrases=phrases))
+                    for i, saliency in enumerate(maps)
+                ]
         model = self.repository.get(job.model)
         batch, made = self._maps_for(model, job.images, job.saliency, _MethodCall.of(job), timer)
         labels = model.config.labels
+        count = len(batch.targets)
+        regions = self._regions(job.regions, [made.maps[i].shape for i in range(count)])
+        truths = self._true_labels(model, job.labels, batch.predicted)
         with timer.stage("verbalize"):
-            texts = [
-                template.render(
-                    VerbalizeInput(
-                        made.maps[i], labels[int(batch.targets[i])], float(batch.probabilities[i, int(batch.targets[i])]), template_params
-                    )
+            texts: list[Verbalization] = []
+            for i in range(count):
+                target, predicted = int(batch.targets[i]), int(batch.predicted[i])
+                outcome = Outcome(
+                    predicted=labels[predicted],
+                    predicted_probability=float(batch.probabilities[i, predicted]),
+                    true_label=None if truths is None else labels[int(truths[i])],
+                    foil=None if batch.foil is None else labels[batch.foil],
+                    foil_probability=None if batch.foil is None else float(batch.probabilities[i, batch.foil]),
                 )
-                for i in range(len(batch.targets))
-            ]
+                request = VerbalizeInput(
+                    made.maps[i],
+                    labels[target],
+                    float(batch.probabilities[i, target]),
+                    template_params,
+                    regions=regions[i],
+                    phrases=phrases,
+                    outcome=outcome,
+                )
+                texts.append(template.render(request))
         provenance = self._provenance(model, made, batch, job.seed, timer)
         return [Verbalization(text.text, text.facts, name, provenance) for text in texts]
+
+    @staticmethod
+    def _check_template_input(template_cls: type[Template], job: VerbalizeJob) -> None:
+        """The form reads what the request sends: token attributions, or maps (with regions for named_regions)."""
+        name = template_cls.name
+        token_forms = [t.name for t in TEMPLATES if t.unit == "tokens"]
+        if job.tokens:
+            if template_cls.unit != "tokens":
+                raise InvalidArgument(
+                    "TOKENS_NOT_USED",
+                    f"template '{name}' describes image maps; for `tokens` use one of: {', '.join(token_forms)}",
+                    {"template": name},
+                )
+            if job.model or job.images or job.saliency or job.method or job.regions or job.labels:
+                raise InvalidArgument(
+                    "AMBIGUOUS_INPUT",
+                    "`tokens` are verbalized model-free and alone; drop model, images, saliency, method, regions and labels",
+                )
+            return
+        if template_cls.unit == "tokens":
+            raise InvalidArgument(
+                "TOKENS_REQUIRED",
+                f"template '{name}' describes token attributions; send `tokens` (tokens and attributions)",
+                {"template": name},
+            )
+        if job.regions and not template_cls.uses_regions:
+            users = [t.name for t in TEMPLATES if t.uses_regions]
+            raise InvalidArgument(
+                "REGIONS_NOT_USED", f"template '{name}' does not use `regions`; drop them or use: {', '.join(users)}", {"template": name}
+            )
+        if template_cls.uses_regions and not job.regions:
+            raise InvalidArgument(
+                "REGIONS_REQUIRED", f"template '{name}' describes caller-named regions; send `regions` (name and mask)", {"template": name}
+            )
+
+    def _regions(
+        self, sets: Sequence[Sequence[NamedRegion]], shapes: Sequence[tuple[int, ...]]
+    ) -> list[tuple[tuple[str, np.ndarray], ...]]:
+        """Each map's named regions, masks resized to the map: one set shared by every map, or one set per map."""
+        if not sets:
+            return [() for _ in shapes]
+        if len(sets) not in (1, len(shapes)):
+            raise InvalidArgument(
+                "REGION_SET_COUNT_MISMATCH",
+                f"{len(sets)} region sets for {len(shapes)} maps; send one set shared by every map, or one set per map",
+                {"region_sets": len(sets), "maps": len(shapes)},
+            )
+        decoded = []
+        for s, regions in enumerate(sets):
+            if not regions:
+                raise InvalidArgument("NO_REGIONS", f"region set {s} is empty; send at least one named region", {"region_set": s})
+            if len(regions) > MAX_REGIONS:
+                raise ResourceExhausted(
+                    "TOO_MANY_REGIONS",
+                    f"region set {s} has {len(regions)} regions; at most {MAX_REGIONS}",
+                    {"region_set": s, "limit": MAX_REGIONS},
+                )
+            names = [region.name for region in regions]
+            for region in regions:
+                if not region.name.strip():
+                    raise InvalidArgument("EMPTY_REGION_NAME", f"region set {s} has a region without a name", {"region_set": s})
+                if names.count(region.name) > 1:
+                    raise InvalidArgument(
+                        "DUPLICATE_REGION_NAME", f"region set {s} names '{region.name}' twice; names must be unique", {"region_set": s}
+                    )
+            decoded.append([(r.name, decode_mask(r.mask, i, self.limits, f"region mask of set {s}")) for i, r in enumerate(regions)])
+        chosen = decoded * len(shapes) if len(decoded) == 1 else decoded
+        return [
+            tuple((name, resize_mask(mask, shape[0], shape[1])) for name, mask in masks)
+            for masks, shape in zip(chosen, shapes, strict=True)
+        ]
+
+    def _true_labels(self, model: LoadedModel, labels: Sequence[TargetRequest], predicted: np.ndarray) -> np.ndarray | None:
+        """The caller's true class per image (one shared, or one per image), as indices."""
+        if not labels:
+            return None
+        if len(labels) not in (1, len(predicted)):
+            raise InvalidArgument(
+                "LABEL_COUNT_MISMATCH", f"{len(labels)} labels for {len(predicted)} images; send one label, or one per image"
+            )
+        indices = [int(self._targets(model, label, predicted[:1], "label")[0]) for label in labels]
+        return np.array(indices * len(predicted) if len(indices) == 1 else indices, dtype=np.int64)
 
     # ---- shared steps ----
 

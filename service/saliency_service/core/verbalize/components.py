@@ -1,9 +1,9 @@
-"""Components template: the blobs the strong positive evidence forms (METRICS.md §10, image adaptation).
+"""Components template: the blobs the strong evidence forms (METRICS.md §10, image adaptation).
 
-The positive part of the map is thresholded at a fraction of its maximum and split into
-8-connected components. A component's share is the positive map summed over its pixels divided by
-the positive total of the whole map (SMV's coverage, so weak evidence outside every blob still
-counts in the denominator); its size is its pixel count over the image area.
+The evidence of one sign is thresholded at a fraction of its maximum and split into 8-connected
+components. A component's share is that evidence summed over its pixels divided by the sign's total
+over the whole map (SMV's coverage, so weak evidence outside every blob still counts in the
+denominator); its size is its pixel count over the image area.
 """
 
 from __future__ import annotations
@@ -12,9 +12,19 @@ import numpy as np
 from scipy import ndimage
 
 from saliency_service.core.params import ParamSpec
-from saliency_service.core.types import Fact, Verbalization
-from saliency_service.core.verbalize.base import TEMPLATES, Template, VerbalizeInput
-from saliency_service.core.verbalize.grid import NO_EVIDENCE, cell_bounds, checked_map, percent, prediction_sentences, region_name
+from saliency_service.core.types import Fact
+from saliency_service.core.verbalize.base import (
+    TEMPLATES,
+    Described,
+    Template,
+    VerbalizeInput,
+    evidence_noun,
+    how_many,
+    percent,
+    sign_param,
+    signs,
+)
+from saliency_service.core.verbalize.grid import cell_bounds, checked_map, region_name, signed_part
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -28,8 +38,8 @@ def cell_index(coordinate: float, bounds: list[int]) -> int:
 @TEMPLATES.register("components")
 class Components(Template):
     description = (
-        "Describes the connected blobs of strong positive evidence: where each lies on a 3x3 grid, "
-        "how much of the image it covers and its share of the positive evidence."
+        "Describes the connected blobs of strong evidence: where each lies on a 3x3 grid, "
+        "how much of the image it covers and its share of the evidence."
     )
     params = (
         ParamSpec(
@@ -37,48 +47,73 @@ class Components(Template):
             "float",
             0.5,
             # Above 0: a zero threshold would merge the zero-valued background into one blob.
-            "Pixels at or above this fraction of the map's maximum form blobs.",
+            "Pixels at or above this fraction of the evidence's maximum form blobs.",
             minimum=0.01,
             maximum=1.0,
         ),
-        ParamSpec("max_regions", "int", 2, "Most blobs to describe.", minimum=1, maximum=9),
+        ParamSpec("max_regions", "int", 2, "Most blobs to describe (detail 'short': 1; 'detailed': all).", minimum=1, maximum=9),
+        sign_param("negative blobs are those of the negated map"),
     )
+    texts = {
+        "components.lead": frozenset({"evidence", "count"}),
+        "components.lead_one": frozenset({"evidence"}),
+        "components.strongest": frozenset({"shown"}),
+        "components.first": frozenset({"region", "size", "percent", "evidence"}),
+        "components.more": frozenset({"region", "size", "percent"}),
+        "components.focus": frozenset({"region"}),
+    }
 
-    def render(self, request: VerbalizeInput) -> Verbalization:
+    def describe(self, request: VerbalizeInput) -> Described:
         saliency = checked_map(request.saliency, self.name)
-        threshold, max_regions = float(request.params["threshold"]), int(request.params["max_regions"])
-        sentences = prediction_sentences(request)
+        threshold = float(request.params["threshold"])
+        limit = how_many(request, int(request.params["max_regions"]))
+        sentences: list[str] = []
+        facts: list[Fact] = []
+        for sign in signs(request):
+            evidence = signed_part(saliency, sign)
+            total = evidence.sum()
+            if total <= 0:
+                sentences.append(request.say("none.map", sign=sign))
+                continue
+            mask = evidence >= threshold * evidence.max()
+            labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+            indices = np.arange(1, count + 1)
+            shares = np.asarray(ndimage.sum(evidence, labels, indices)) / total
+            sizes = np.asarray(ndimage.sum(mask, labels, indices)) / saliency.size
+            # Evidence-weighted centres: a blob's position is where its evidence concentrates.
+            centres = ndimage.center_of_mass(evidence, labels, indices)
+            rows, columns = cell_bounds(saliency.shape[0]), cell_bounds(saliency.shape[1])
 
-        positive = np.maximum(saliency.astype(np.float64), 0.0)
-        total = positive.sum()
-        if total <= 0:
-            sentences.append(NO_EVIDENCE)
-            return Verbalization(text=" ".join(sentences), facts=(), template=self.name)
-
-        mask = positive >= threshold * positive.max()
-        labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
-        indices = np.arange(1, count + 1)
-        shares = np.asarray(ndimage.sum(positive, labels, indices)) / total
-        sizes = np.asarray(ndimage.sum(mask, labels, indices)) / saliency.size
-        # Evidence-weighted centres: a blob's position is where its evidence concentrates.
-        centres = ndimage.center_of_mass(positive, labels, indices)
-        rows, columns = cell_bounds(saliency.shape[0]), cell_bounds(saliency.shape[1])
-
-        # Stable sort: equal shares keep label order (reading order of each blob's first pixel).
-        ranked = [int(i) for i in np.argsort(-shares, kind="stable")[:max_regions]]
-        cells = [region_name(cell_index(centres[i][0], rows), cell_index(centres[i][1], columns)) for i in ranked]
-        facts = tuple(
-            Fact(region=f"{cell} blob", share=float(shares[i]), sign="positive", rank=rank)
-            for rank, (i, cell) in enumerate(zip(ranked, cells, strict=True))
+            # Stable sort: equal shares keep label order (reading order of each blob's first pixel).
+            ranked = [int(i) for i in np.argsort(-shares, kind="stable")[:limit]]
+            cells = [region_name(cell_index(centres[i][0], rows), cell_index(centres[i][1], columns)) for i in ranked]
+            facts += [
+                Fact(region=f"{cell} blob", share=float(shares[i]), sign=sign, rank=rank, kind="component", value=float(sizes[i]))
+                for rank, (i, cell) in enumerate(zip(ranked, cells, strict=True))
+            ]
+            noun = evidence_noun(request, sign)
+            clauses = [
+                # The first clause spells out its units; the rest follow its pattern.
+                request.say("components.first", region=cell, size=percent(sizes[i]), percent=percent(shares[i]), evidence=noun)
+                if rank == 0
+                else request.say("components.more", region=cell, size=percent(sizes[i]), percent=percent(shares[i]))
+                for rank, (i, cell) in enumerate(zip(ranked, cells, strict=True))
+            ]
+            lead = (
+                request.say("components.lead_one", evidence=noun)
+                if count == 1
+                else request.say("components.lead", evidence=noun, count=count)
+            )
+            # When blobs are left out, say how many are described so the count does not mislead.
+            if len(ranked) < count:
+                lead += request.say("components.strongest", shown=len(ranked))
+            sentences.append(f"{lead}: " + "; ".join(clauses) + ".")
+        top = next((f for f in facts if f.sign == "positive"), None)
+        if top is None:
+            return Described(tuple(sentences), tuple(facts))
+        return Described(
+            tuple(sentences),
+            tuple(facts),
+            request.say("components.focus", region=top.region.removesuffix(" blob")),
+            str(percent(top.share)),
         )
-
-        clauses = []
-        for rank, (i, cell) in enumerate(zip(ranked, cells, strict=True)):
-            # The first clause spells out its units; the rest follow its pattern.
-            image, evidence = (" of the image", " of the positive evidence") if rank == 0 else ("", "")
-            clauses.append(f"one in the {cell} covering {percent(sizes[i])}%{image} holds {percent(shares[i])}%{evidence}")
-        noun = "blob" if count == 1 else "blobs"
-        # When blobs are left out, say how many are described so the count does not mislead.
-        lead = f"The evidence forms {count} {noun}" + (f"; the {len(ranked)} strongest" if len(ranked) < count else "")
-        sentences.append(f"{lead}: " + "; ".join(clauses) + ".")
-        return Verbalization(text=" ".join(sentences), facts=facts, template=self.name)

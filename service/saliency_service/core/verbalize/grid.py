@@ -7,20 +7,27 @@ set to negative or both, the negative part is described the same way, as evidenc
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import numpy as np
 
 from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.params import ParamSpec
-from saliency_service.core.types import Fact, Verbalization
-from saliency_service.core.verbalize.base import TEMPLATES, Template, VerbalizeInput
+from saliency_service.core.types import Fact
+from saliency_service.core.verbalize.base import (
+    TEMPLATES,
+    Described,
+    Template,
+    VerbalizeInput,
+    evidence_noun,
+    how_many,
+    percent,
+    sign_param,
+    signs,
+)
 
 ROWS = ("top", "centre", "bottom")
 COLUMNS = ("left", "centre", "right")
-NO_EVIDENCE = "The map holds no positive evidence."
-NO_NEGATIVE_EVIDENCE = "The map holds no negative evidence."
-SIGNS = ("positive", "negative", "both")
 
 
 def region_name(row: int, column: int) -> str:
@@ -38,20 +45,23 @@ def cell_bounds(size: int) -> list[int]:
     return [round(i * size / 3) for i in range(4)]
 
 
+def signed_part(saliency: np.ndarray, sign: str) -> np.ndarray:
+    """The evidence of one sign as non-negative float64 values: max(map, 0), or max(-map, 0) for negative."""
+    values = saliency.astype(np.float64)
+    return np.maximum(values if sign == "positive" else -values, 0.0)
+
+
 def region_evidence(saliency: np.ndarray) -> np.ndarray:
     """Sum of the positive part of the map in each 3x3 cell, row-major (the order of REGIONS)."""
-    positive = np.maximum(saliency.astype(np.float64), 0.0)
+    positive = signed_part(saliency, "positive")
     rows, columns = cell_bounds(saliency.shape[0]), cell_bounds(saliency.shape[1])
     return np.array([positive[rows[r] : rows[r + 1], columns[c] : columns[c + 1]].sum() for r in range(3) for c in range(3)])
 
 
-def percent(share: float) -> int:
-    """Share as a whole percentage, halves rounded up (not Python's half-to-even)."""
-    return math.floor(100 * share + 0.5)
-
-
-def checked_map(saliency: np.ndarray, owner: str) -> np.ndarray:
+def checked_map(saliency: np.ndarray | None, owner: str) -> np.ndarray:
     """The map as an array, or InvalidArgument when it is not a finite, non-empty H x W map."""
+    if saliency is None:
+        raise InvalidArgument("SALIENCY_REQUIRED", f"{owner} describes an image map; send `saliency` maps or a model, images and method")
     saliency = np.asarray(saliency)
     if saliency.ndim != 2 or saliency.size == 0:
         raise InvalidArgument("INVALID_SALIENCY", f"{owner}: the map must be a non-empty H x W array, got shape {saliency.shape}")
@@ -60,76 +70,55 @@ def checked_map(saliency: np.ndarray, owner: str) -> np.ndarray:
     return saliency
 
 
-def prediction_sentences(request: VerbalizeInput) -> list[str]:
-    """The opening sentence naming the prediction, or none when no model is involved."""
-    if request.label is None:
-        return []
-    confidence = f" ({request.probability:.2f})" if request.probability is not None else ""
-    return [f"The model predicts '{request.label}'{confidence}."]
-
-
-def _ranked_facts(evidence: np.ndarray, sign: str, max_regions: int, min_share: float) -> tuple[Fact, ...]:
-    """Regions by descending share of `evidence` (its total must be > 0); the top one always named."""
-    shares = evidence / evidence.sum()
-    # Stable sort: equal shares keep reading order (top left first).
-    ranked = np.argsort(-shares, kind="stable")
-    named = [int(ranked[0])] + [int(i) for i in ranked[1:max_regions] if shares[i] >= min_share]
-    return tuple(Fact(region=REGIONS[i], share=float(shares[i]), sign=sign, rank=rank) for rank, i in enumerate(named))
-
-
-def _sentence(facts: tuple[Fact, ...], subject: str) -> str:
-    clauses = [f"{percent(facts[0].share)}% of the {subject} lies in the {facts[0].region} region"]
-    clauses += [f"{fact.region} adds {percent(fact.share)}%" for fact in facts[1:]]
-    return "; ".join(clauses) + "."
+def ranked_facts(shares: np.ndarray, names: Sequence[str], sign: str, limit: int | None, min_share: float) -> tuple[Fact, ...]:
+    """Units by descending share, at most `limit` (None: all), those below `min_share` or empty left out; the top one always named."""
+    # Stable sort: equal shares keep the units' order (reading order for the grid).
+    ranked = [int(i) for i in np.argsort(-shares, kind="stable")]
+    named = ranked[:1] + [i for i in ranked[1:limit] if shares[i] >= min_share and shares[i] > 0]
+    return tuple(Fact(region=names[i], share=float(shares[i]), sign=sign, rank=rank) for rank, i in enumerate(named))
 
 
 @TEMPLATES.register("grid_regions")
 class GridRegions(Template):
     description = "Names the 3x3 grid cells that hold the most positive (or negative) evidence, with each cell's share of it."
     params = (
-        ParamSpec("max_regions", "int", 2, "Most regions to name.", minimum=1, maximum=9),
+        ParamSpec("max_regions", "int", 2, "Most regions to name (detail 'short': 1; 'detailed': all nine).", minimum=1, maximum=9),
         ParamSpec(
             "min_share",
             "float",
             0.1,
-            "Regions holding less than this share of the positive evidence are not named (the top region always is).",
+            "Regions holding less than this share of the evidence are not named (the top region always is).",
             minimum=0.0,
             maximum=1.0,
         ),
-        ParamSpec(
-            "sign",
-            "string",
-            "positive",
-            "Which evidence to describe: positive (for the class), negative (against it), or both, positive first.",
-            choices=SIGNS,
-        ),
+        sign_param("each sign's shares are of that sign's total"),
     )
+    texts = {
+        "grid_regions.first": frozenset({"percent", "evidence", "region"}),
+        "grid_regions.more": frozenset({"percent", "region"}),
+        "grid_regions.focus": frozenset({"region"}),
+    }
 
-    def render(self, request: VerbalizeInput) -> Verbalization:
+    def describe(self, request: VerbalizeInput) -> Described:
         saliency = checked_map(request.saliency, self.name)
-        sentences = prediction_sentences(request)
-        max_regions, min_share = int(request.params["max_regions"]), float(request.params["min_share"])
-        sign = str(request.params["sign"])
+        limit = how_many(request, int(request.params["max_regions"]))
+        min_share = float(request.params["min_share"])
+        sentences: list[str] = []
         facts: tuple[Fact, ...] = ()
-
-        if sign in ("positive", "both"):
-            evidence = region_evidence(saliency)
+        for sign in signs(request):
+            evidence = region_evidence(saliency if sign == "positive" else -saliency.astype(np.float64))
             if evidence.sum() <= 0:
-                sentences.append(NO_EVIDENCE)
-            else:
-                positive = _ranked_facts(evidence, "positive", max_regions, min_share)
-                sentences.append(_sentence(positive, "positive evidence"))
-                facts += positive
-
-        if sign in ("negative", "both"):
-            # The negative part of the map is the positive part of its negation.
-            evidence = region_evidence(-saliency.astype(np.float64))
-            if evidence.sum() <= 0:
-                sentences.append(NO_NEGATIVE_EVIDENCE)
-            else:
-                negative = _ranked_facts(evidence, "negative", max_regions, min_share)
-                against = f" (against '{request.label}')" if request.label is not None else ""
-                sentences.append(_sentence(negative, f"negative evidence{against}"))
-                facts += negative
-
-        return Verbalization(text=" ".join(sentences), facts=facts, template=self.name)
+                sentences.append(request.say("none.map", sign=sign))
+                continue
+            named = ranked_facts(evidence / evidence.sum(), REGIONS, sign, limit, min_share)
+            first, rest = named[0], named[1:]
+            clauses = [
+                request.say("grid_regions.first", percent=percent(first.share), evidence=evidence_noun(request, sign), region=first.region)
+            ]
+            clauses += [request.say("grid_regions.more", percent=percent(f.share), region=f.region) for f in rest]
+            sentences.append("; ".join(clauses) + ".")
+            facts += named
+        top = next((f for f in facts if f.sign == "positive"), None)
+        if top is None:
+            return Described(tuple(sentences), facts)
+        return Described(tuple(sentences), facts, request.say("grid_regions.focus", region=top.region), str(percent(top.share)))
