@@ -326,8 +326,10 @@ def test_verbalize_tokens_model_free(client: SaliencyClient) -> None:
     assert first.text == "The phrase » not good « is most important for the prediction (100.00%)."
     assert second.text == "The word » great « is most important for the prediction (100.00%)."
     assert (first.facts[0].kind, first.facts[0].start, first.facts[0].end, first.facts[0].share) == ("span", 3, 5, 1.0)
-    catalog = {t.name for t in client.list_methods().templates}
+    listed = client.list_methods()
+    catalog = {t.name for t in listed.templates}
     assert {"token_order", "token_spans", "token_convolution", "token_compare", "token_summary", "named_regions"} <= catalog
+    assert {"plain", "terse"} <= set(listed.styles) and all(listed.styles.values())
 
 
 def test_verbalize_named_regions_through_the_rpc(client: SaliencyClient) -> None:

@@ -539,4 +539,5 @@ def method_catalog(response: pb.ListMethodsResponse) -> MethodCatalog:
             MethodInfo(kind="template", name=t.name, description=t.description, parameters=_parameters(t.parameters))
             for t in response.templates
         ),
+        styles={s.name: s.description for s in response.styles},
     )

@@ -209,6 +209,8 @@ class MethodCatalog:
     methods: tuple[MethodInfo, ...] = field(default=())
     metrics: tuple[MethodInfo, ...] = field(default=())
     templates: tuple[MethodInfo, ...] = field(default=())
+    #: Verbalization styles (`verbalize(style=...)`): name -> description.
+    styles: dict[str, str] = field(default_factory=dict)
 
     def get(self, name: str, kind: CatalogKind | None = None) -> MethodInfo:
         """The entry called `name` (of `kind` if given; else methods, then metrics, then templates).

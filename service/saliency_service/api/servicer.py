@@ -18,6 +18,7 @@ from saliency_service.core.engine import Engine
 from saliency_service.core.methods import METHODS
 from saliency_service.core.metrics import METRICS
 from saliency_service.core.verbalize import TEMPLATES
+from saliency_service.core.verbalize.phrasebook import load_styles
 
 Context = grpc.aio.ServicerContext[Any, Any]
 PROGRESS_SECONDS = 0.1
@@ -83,4 +84,5 @@ class SaliencyServicer(pb_grpc.SaliencyServiceServicer):
             methods=[codec.method(cls) for cls in METHODS],
             metrics=[codec.metric(cls) for cls in METRICS],
             templates=[codec.template(cls) for cls in TEMPLATES],
+            styles=[pb.Style(name=style.name, description=style.description) for style in load_styles().values()],
         )

@@ -687,11 +687,11 @@ class VerbalizeRequest(_message.Message):
     layer: _builtins.str
     seed: _builtins.int
     template: _builtins.str
-    """Template id, as listed by ListMethods; empty: "grid_regions"."""
+    """Template id, as listed by ListMethods; empty: "token_summary" for `tokens`, else "grid_regions"."""
     detail: _builtins.str
     """Level of detail: "short", "standard" (when empty) or "detailed"."""
     style: _builtins.str
-    """Template style id, as listed by ListMethods (one data file per style); empty: "plain"."""
+    """Style id, as listed by ListMethods (`styles`; one data file per style); empty: "plain"."""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]: ...
     @_builtins.property
@@ -1300,23 +1300,51 @@ class ListMethodsResponse(_message.Message):
     METHODS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     TEMPLATES_FIELD_NUMBER: _builtins.int
+    STYLES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___Method]: ...
     @_builtins.property
     def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___Metric]: ...
     @_builtins.property
     def templates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Template]: ...
+    @_builtins.property
+    def styles(self) -> _containers.RepeatedCompositeFieldContainer[Global___Style]:
+        """Verbalization styles (VerbalizeRequest.style): one data file of sentence templates each."""
+
     def __init__(
         self,
         *,
         methods: _abc.Iterable[Global___Method] | None = ...,
         metrics: _abc.Iterable[Global___Metric] | None = ...,
         templates: _abc.Iterable[Global___Template] | None = ...,
+        styles: _abc.Iterable[Global___Style] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["methods", b"methods", "metrics", b"metrics", "templates", b"templates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["methods", b"methods", "metrics", b"metrics", "styles", b"styles", "templates", b"templates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListMethodsResponse: _TypeAlias = ListMethodsResponse  # noqa: Y015
+
+@_typing.final
+class Style(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Style: _TypeAlias = Style  # noqa: Y015
