@@ -61,6 +61,28 @@ class TokenGrid:
 
 
 @dataclass(frozen=True)
+class GridSpec:
+    """A grid model (the DiFull setting, METRICS.md §5): the input is `rows` x `cols` equal cells, each
+    classified by its own copy of a trunk, so no pixel of one cell can reach another cell's logits.
+
+    Labels are cell-major: with k = labels / cells classes per cell, label i belongs to cell i // k, and
+    cells are numbered row-major (cell c covers rows c // cols and columns c % cols of the grid).
+    """
+
+    rows: int
+    cols: int
+
+    @property
+    def cells(self) -> int:
+        return self.rows * self.cols
+
+    def cell_of(self, label: int, num_labels: int) -> tuple[int, int]:
+        """The (row, col) of the cell whose head owns `label`."""
+        cell = label // (num_labels // self.cells)
+        return cell // self.cols, cell % self.cols
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """A layer that CAM methods may use, named by its module path in the source model.
 
@@ -104,6 +126,8 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     # The layer CAM methods use when a request names none; None: the last declared layer.
     cam_layer: str | None = None
+    # A grid model's cell layout (`grid_pointing_game`); None for an ordinary classifier.
+    grid: GridSpec | None = None
 
     @property
     def num_classes(self) -> int:
@@ -143,8 +167,9 @@ class ModelConfig:
             # Convolutional layers are written exactly as before token layers existed.
             if layer["tokens"] is None:
                 del layer["tokens"]
-        if raw["cam_layer"] is None:
-            del raw["cam_layer"]
+        for optional in ("cam_layer", "grid"):
+            if raw[optional] is None:
+                del raw[optional]
         return json.dumps(raw, indent=2) + "\n"
 
     def save(self, folder: Path) -> None:
@@ -185,6 +210,7 @@ class ModelConfig:
                     )
                     if k in raw
                 },
+                grid=GridSpec(rows=int(raw["grid"]["rows"]), cols=int(raw["grid"]["cols"])) if raw.get("grid") is not None else None,
             )
         except FileNotFoundError:
             raise FailedPrecondition("MODEL_CONFIG_MISSING", f"{path} does not exist", {"path": str(path)}) from None
@@ -212,6 +238,12 @@ class ModelConfig:
             problems.append("layer probe indices must be 0..n-1")
         if self.cam_layer is not None and self.cam_layer not in {layer.name for layer in self.layers}:
             problems.append(f"cam_layer '{self.cam_layer}' is not a declared layer")
+        if self.grid is not None:
+            cells = self.grid.rows * self.grid.cols
+            if min(self.grid.rows, self.grid.cols) <= 0 or len(self.labels) % cells:
+                problems.append(f"grid {self.grid.rows}x{self.grid.cols} must be positive and divide the {len(self.labels)} labels evenly")
+            elif self.input.height % self.grid.rows or self.input.width % self.grid.cols:
+                problems.append(f"grid {self.grid.rows}x{self.grid.cols} must divide the {self.input.height}x{self.input.width} input")
         for layer in self.layers:
             if min(layer.shape) <= 0:
                 problems.append(f"layer '{layer.name}' has an empty shape {layer.shape}")

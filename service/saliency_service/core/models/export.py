@@ -13,7 +13,16 @@ import torch
 from torch import nn
 
 from saliency_service.core.errors import InvalidArgument
-from saliency_service.core.models.config import ONNX_FILE, TORCH_FILE, InputSpec, LayerSpec, ModelConfig, TokenGrid, valid_model_name
+from saliency_service.core.models.config import (
+    ONNX_FILE,
+    TORCH_FILE,
+    GridSpec,
+    InputSpec,
+    LayerSpec,
+    ModelConfig,
+    TokenGrid,
+    valid_model_name,
+)
 from saliency_service.core.models.model import LoadedModel
 from saliency_service.core.models.onnx_runner import OnnxRunner
 from saliency_service.core.models.torch_runner import TorchRunner
@@ -131,6 +140,7 @@ def export_model(
     patch_size: int | tuple[int, int] | None = None,
     prefix_tokens: int | None = None,
     default_layer: str | None = None,
+    grid: GridSpec | None = None,
 ) -> Path:
     """Write `repository/name/` with config.json, model.onnx and model.pt2; return the folder.
 
@@ -144,7 +154,8 @@ def export_model(
     size over the patch size, the prefix what remains), else inferred from the token count (see
     `token_grid`); `prefix_tokens` pins the prefix count when the input size alone is ambiguous.
     Methods then see such a layer as D x h x w (METHODS.md §9). `default_layer` (one of `layers`)
-    is the layer CAM methods use when a request names none; by default the last of `layers`.
+    is the layer CAM methods use when a request names none; by default the last of `layers`. `grid`
+    declares a grid model (cell-major labels, one trunk copy per cell; `GridSpec`).
     """
     if not valid_model_name(name):
         raise InvalidArgument("INVALID_MODEL_NAME", f"'{name}' is not a valid model name (lower-case letters, digits, '_', '-', '.')")
@@ -190,6 +201,7 @@ def export_model(
         layers=tuple(specs),
         logits_tolerance=tolerance,
         cam_layer=default_layer,
+        grid=grid,
     )
 
     repository.mkdir(parents=True, exist_ok=True)
