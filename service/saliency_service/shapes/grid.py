@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -71,7 +72,7 @@ class GridNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         crops = _split(x, self.rows, self.cols)
-        nets = list(self.cells)
+        nets = [cast(ShapesNet, net) for net in self.cells]
         # ShapesNet.features step by step, so the stitched maps sit between the stages. Each cell removes
         # its own mean colour, as the trunk does for a whole image.
         early = [
