@@ -161,12 +161,13 @@ def _line(out: TextIO, text: str) -> None:
     print(text, file=out, flush=True)
 
 
-def evaluate(scorer: Scorer, plan: Plan, out_dir: Path, *, log: TextIO = sys.stderr, progress: ProgressView | None = None) -> Evaluation:
+def evaluate(scorer: Scorer, plan: Plan, out_dir: Path, *, log: TextIO | None = None, progress: ProgressView | None = None) -> Evaluation:
     """Run the plan and write table.csv, table.md, table.png (and aggatt_<method>.png) into `out_dir`.
 
     Each combination's first batch decides whether it runs: a CannotRun there skips it with its reason;
     a failure on a later batch is an error. `progress` shows each Score call's streamed progress.
     """
+    log = log or sys.stderr
     catalog = scorer.catalog()
     if plan.model not in catalog.labels:
         raise UnknownIds(f"unknown model {plan.model}; available: {', '.join(sorted(catalog.labels))}")
