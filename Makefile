@@ -63,6 +63,14 @@ train-shapes: $(STAMP)
 train-vit: $(STAMP)
 	$(BIN)/python -m saliency_service.shapes.vit --out service/saliency_service/model_repository
 
+# The evaluation table (every method x every metric) into build/eval; prints table.md to paste into the README.
+# `make evaluate N=200 METRICS=all` for the full run.
+N ?= 50
+METRICS ?= all
+evaluate: $(STAMP)
+	$(BIN)/saliency-service evaluate --model shapes --n $(N) --metrics $(METRICS) --out build/eval
+	cat build/eval/table.md
+
 # Rebuild the DiFull grid model (shapes_grid) from the shipped shapes weights (no training).
 shapes-grid: $(STAMP)
 	$(BIN)/python -m saliency_service.shapes.grid

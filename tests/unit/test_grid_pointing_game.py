@@ -97,11 +97,11 @@ def test_backprop_methods_score_one(engine: Engine, method: str, cell: int) -> N
     assert _score(engine, method, cell=cell, **params) == pytest.approx([1.0] * len(SEEDS), abs=1e-6)
 
 
-def test_grad_cam_at_the_stitched_trunk_layer_mostly_in_the_cell(engine: Engine) -> None:
-    # Grad-CAM's channel weights are the target head's, but they multiply every cell's activations, so some
-    # of its map leaks into other cells (unlike HiResCAM, which is exact): it must still beat chance clearly.
-    scores = _score(engine, "grad_cam", cell=0)
-    assert np.mean(scores) > 0.5
+@pytest.mark.parametrize("cell", [0, 3])
+def test_grad_cam_at_the_stitched_trunk_layer_is_nearly_one(engine: Engine, cell: int) -> None:
+    # Not exact: Grad-CAM's channel weights (the target head's) multiply every cell's activations, so other
+    # cells can get positive weight after the ReLU; on these grids that share is measured below 1%.
+    assert np.mean(_score(engine, "grad_cam", cell=cell)) > 0.99
 
 
 def test_uniform_and_random_maps_score_chance(engine: Engine) -> None:
