@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test peers lint typecheck protos train-shapes train-vit clean
+.PHONY: serve test peers lint typecheck protos train-shapes train-vit shapes-grid evaluate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,18 @@ train-shapes: $(STAMP)
 # Retrain the embedded ViT (seeded; its stem starts from the shipped shapes CNN's weights).
 train-vit: $(STAMP)
 	$(BIN)/python -m saliency_service.shapes.vit --out service/saliency_service/model_repository
+
+# The evaluation table (every method x every metric) into build/eval; prints table.md to paste into the README.
+# `make evaluate N=200 METRICS=all` for the full run.
+N ?= 50
+METRICS ?= all
+evaluate: $(STAMP)
+	$(BIN)/saliency-service evaluate --model shapes --n $(N) --metrics $(METRICS) --out build/eval
+	cat build/eval/table.md
+
+# Rebuild the DiFull grid model (shapes_grid) from the shipped shapes weights (no training).
+shapes-grid: $(STAMP)
+	$(BIN)/python -m saliency_service.shapes.grid
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) build dist .pytest_cache .mypy_cache

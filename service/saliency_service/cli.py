@@ -1,4 +1,4 @@
-"""`saliency-service serve | export | shapes-eval | lp-cam-prototypes`."""
+"""`saliency-service serve | export | evaluate | shapes-eval | lp-cam-prototypes`."""
 
 from __future__ import annotations
 
@@ -82,6 +82,36 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from saliency_service.config import Settings
+    from saliency_service.core.engine import Engine
+    from saliency_service.core.images import ImageLimits
+    from saliency_service.core.models.model import RuntimeOptions
+    from saliency_service.core.models.repository import ModelRepository
+    from saliency_service.evaluation import UnknownIds, evaluate
+    from saliency_service.evaluation.arguments import plan_from
+    from saliency_service.evaluation.local import EngineScorer
+
+    settings = Settings.load(flags={"model_repository": args.model_repository}, env=os.environ, file=args.config)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    repository = ModelRepository(
+        settings.model_repository,
+        RuntimeOptions(max_batch=settings.onnx_max_batch, threads=settings.onnx_threads, prefer_cuda=settings.prefer_cuda),
+    )
+    repository.load_all()
+    engine = Engine(repository, ImageLimits(max_images=max(args.batch, 1), max_pixels=settings.max_image_pixels))
+    try:
+        evaluate(EngineScorer(engine), plan_from(args), args.out)
+    except UnknownIds as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out / 'table.csv'}, table.md and table.png")
+    return 0
+
+
 def _shapes_eval(args: argparse.Namespace) -> int:
     from saliency_service.shapes.report import run_report
 
@@ -123,6 +153,7 @@ def _lp_cam_prototypes(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     from saliency_service.config import EMBEDDED_REPOSITORY
+    from saliency_service.evaluation.arguments import add_evaluate_arguments
 
     root = argparse.ArgumentParser(prog="saliency-service", description="Explain, score and verbalize vision models over gRPC.")
     commands = root.add_subparsers(dest="command", required=True)
@@ -151,6 +182,16 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--version", default="1")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(run=_export)
+
+    evaluate = commands.add_parser("evaluate", help="every method x every metric on held-out shapes images: a table (CSV, markdown, plot)")
+    evaluate.add_argument(
+        "--model-repository", type=Path, default=None, help=f"model repository folder (default: the embedded one, {EMBEDDED_REPOSITORY})"
+    )
+    evaluate.add_argument(
+        "--config", type=Path, default=None, help="a TOML settings file (flags > SALIENCY_* environment > file > defaults)"
+    )
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(run=_evaluate)
 
     report = commands.add_parser("shapes-eval", help="held-out accuracy and Grad-CAM localisation of the `shapes` model")
     report.add_argument("--model-repository", type=Path, default=EMBEDDED_REPOSITORY)

@@ -1,4 +1,4 @@
-"""The `saliency` command: explain an image to a PNG overlay, list models, list methods."""
+"""The `saliency` command: explain an image to a PNG overlay, score maps, evaluate, list models, list methods."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from PIL import Image
 from ._client import SaliencyClient
 from ._errors import SaliencyError
 from ._overlay import overlay
+from ._progress import ProgressBar
 from ._types import Explanation, MethodInfo, ParameterInfo
 
 _DEFAULT_SERVER = "localhost:50051"
@@ -70,6 +71,28 @@ def _parser() -> argparse.ArgumentParser:
         help="method parameter; the value is JSON when it parses (steps=32, center=true), else text",
     )
 
+    score = commands.add_parser(
+        "score", parents=[connection], help="score a method's maps of images by a metric, with a progress bar on stderr"
+    )
+    score.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+    score.add_argument("--model", default="shapes")
+    score.add_argument("--method", default="grad_cam")
+    score.add_argument("--metric", default="deletion")
+    score.add_argument("--target", type=_parse_target, default=None, help="class label or index (default: predicted)")
+    score.add_argument("--layer", default=None, help="layer for CAM methods (default: the model's)")
+    score.add_argument("--mask", action="append", default=[], help="ground-truth mask image per image (nonzero on the object)")
+    score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--param", type=_parse_param, action="append", default=[], metavar="KEY=VALUE", help="metric parameter")
+    score.add_argument("--method-param", type=_parse_param, action="append", default=[], metavar="KEY=VALUE", help="method parameter")
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        parents=[connection],
+        help="every method x every metric on held-out shapes images through the server: table.csv, table.md, table.png",
+    )
+    _add_evaluate_arguments(evaluate)
+
     commands.add_parser("models", parents=[connection], help="list the models and whether they are ready")
     commands.add_parser("methods", parents=[connection], help="list methods, metrics and templates with parameters")
     return parser
@@ -91,6 +114,65 @@ def _explain(client: SaliencyClient, args: argparse.Namespace) -> None:
         f"predicted: {explanation.predicted_label} p={_probability(explanation, explanation.predicted):.3f}; "
         f"overlay: {args.out}"
     )
+
+
+def _read_image(path: str, mode: str) -> np.ndarray:
+    try:
+        with Image.open(path) as picture:
+            return np.asarray(picture.convert(mode))
+    except OSError as error:
+        raise _UsageError(f"cannot read image {path}: {error}") from error
+
+
+def _score(client: SaliencyClient, args: argparse.Namespace) -> None:
+    images = [_read_image(path, "RGB") for path in args.images]
+    masks = [_read_image(path, "L") for path in args.mask] or None
+    bar = None if args.no_progress else ProgressBar(f"{args.method} x {args.metric}")
+    try:
+        results = client.score(
+            args.model,
+            images,
+            args.method,
+            args.metric,
+            args.target,
+            dict(args.param),
+            method_params=dict(args.method_param),
+            layer=args.layer,
+            masks=masks,
+            seed=args.seed,
+            progress=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    direction = "higher" if results and results[0].higher_is_better else "lower"
+    for path, result in zip(args.images, results, strict=True):
+        print(f"{path}: {result.metric} = {result.value:.6g} ({direction} is better; target {result.label})")
+
+
+def _add_evaluate_arguments(command: argparse.ArgumentParser) -> None:
+    """The service's evaluation options; the command then needs the saliency_service package (same distribution)."""
+    try:
+        from saliency_service.evaluation.arguments import add_evaluate_arguments
+    except ImportError:  # pragma: no cover - a client installed without the service package
+        command.set_defaults(evaluation_missing=True)
+        return
+    add_evaluate_arguments(command)
+
+
+def _evaluate(client: SaliencyClient, args: argparse.Namespace) -> None:
+    if getattr(args, "evaluation_missing", False):
+        raise _UsageError("`saliency evaluate` needs the saliency_service package (the shapes generator and the table writer)")
+    from saliency_service.evaluation import UnknownIds, evaluate
+    from saliency_service.evaluation.arguments import plan_from
+    from saliency_service.evaluation.remote import ClientScorer
+
+    bar = ProgressBar()
+    try:
+        evaluate(ClientScorer(client), plan_from(args), args.out, progress=bar)
+    except UnknownIds as error:
+        raise _UsageError(str(error)) from None
+    print(f"wrote {args.out / 'table.csv'}, table.md and table.png")
 
 
 def _probability(explanation: Explanation, index: int) -> float:
@@ -151,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with SaliencyClient(args.server, timeout=args.timeout) as client:
             if args.command == "explain":
                 _explain(client, args)
+            elif args.command == "score":
+                _score(client, args)
+            elif args.command == "evaluate":
+                _evaluate(client, args)
             elif args.command == "models":
                 _models(client)
             else:

@@ -318,3 +318,45 @@ def generate_batch(seeds: Sequence[int], *, n_shapes: int = 1, size: int = IMAGE
         labels[i] = sample.label
         masks[i] = sample.mask
     return images, labels, masks
+
+
+@dataclass(frozen=True)
+class GridSample:
+    """A `rows` x `cols` grid of single-shape images of distinct classes (the DiFull setting, METRICS.md §5)."""
+
+    image: np.ndarray  # (rows*size) x (cols*size) x 3 uint8
+    classes: tuple[int, ...]  # each cell's shape class (index into LABELS), row-major
+    object_masks: np.ndarray  # cells x H x W bool: each cell's object, in grid coordinates
+    cell_masks: np.ndarray  # cells x H x W bool: each cell's square
+
+    def label(self, cell: int) -> int:
+        """Cell `cell`'s class in a grid model's cell-major label space (`top_left/circle` is 0)."""
+        return cell * len(LABELS) + self.classes[cell]
+
+
+def generate_grid(seed: int, *, rows: int = 2, cols: int = 2, size: int = IMAGE_SIZE) -> GridSample:
+    """A grid of `rows * cols` generated images with distinct classes; fully determined by `seed`.
+
+    Cell images are drawn from the seeds `seed * 64 + k` (k = 0, 1, ...), keeping the first image of each
+    class not yet used, so held-out grid seeds (>= HELDOUT_SEED_OFFSET) only use held-out images.
+    """
+    cells = rows * cols
+    if not 1 <= cells <= len(LABELS):
+        raise ValueError(f"a grid of distinct classes has 1..{len(LABELS)} cells, got {rows}x{cols}")
+    image = np.empty((rows * size, cols * size, 3), dtype=np.uint8)
+    object_masks = np.zeros((cells, rows * size, cols * size), dtype=bool)
+    cell_masks = np.zeros_like(object_masks)
+    classes: list[int] = []
+    candidate = seed * 64
+    while len(classes) < cells:
+        sample = generate(candidate)
+        candidate += 1
+        if sample.label in classes:
+            continue
+        cell = len(classes)
+        top, left = (cell // cols) * size, (cell % cols) * size
+        image[top : top + size, left : left + size] = sample.image
+        object_masks[cell, top : top + size, left : left + size] = sample.mask
+        cell_masks[cell, top : top + size, left : left + size] = True
+        classes.append(sample.label)
+    return GridSample(image=image, classes=tuple(classes), object_masks=object_masks, cell_masks=cell_masks)

@@ -65,6 +65,28 @@ class TokenGrid:
 
 
 @dataclass(frozen=True)
+class GridSpec:
+    """A grid model (the DiFull setting, METRICS.md §5): the input is `rows` x `cols` equal cells, each
+    classified by its own copy of a trunk, so no pixel of one cell can reach another cell's logits.
+
+    Labels are cell-major: with k = labels / cells classes per cell, label i belongs to cell i // k, and
+    cells are numbered row-major (cell c covers rows c // cols and columns c % cols of the grid).
+    """
+
+    rows: int
+    cols: int
+
+    @property
+    def cells(self) -> int:
+        return self.rows * self.cols
+
+    def cell_of(self, label: int, num_labels: int) -> tuple[int, int]:
+        """The (row, col) of the cell whose head owns `label`."""
+        cell = label // (num_labels // self.cells)
+        return cell // self.cols, cell % self.cols
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """A layer that CAM methods may use, named by its module path in the source model.
 
@@ -123,6 +145,8 @@ class ModelConfig:
     cam_layer: str | None = None
     # None: every request runs on its own.
     dynamic_batching: DynamicBatching | None = None
+    # A grid model's cell layout (`grid_pointing_game`); None for an ordinary classifier.
+    grid: GridSpec | None = None
 
     @property
     def num_classes(self) -> int:
@@ -162,7 +186,7 @@ class ModelConfig:
             # Convolutional layers are written exactly as before token layers existed.
             if layer["tokens"] is None:
                 del layer["tokens"]
-        for optional in ("cam_layer", "dynamic_batching"):
+        for optional in ("cam_layer", "dynamic_batching", "grid"):
             if raw[optional] is None:
                 del raw[optional]
         return json.dumps(raw, indent=2) + "\n"
@@ -206,6 +230,7 @@ class ModelConfig:
                     )
                     if k in raw
                 },
+                grid=GridSpec(rows=int(raw["grid"]["rows"]), cols=int(raw["grid"]["cols"])) if raw.get("grid") is not None else None,
             )
         except FileNotFoundError:
             raise FailedPrecondition("MODEL_CONFIG_MISSING", f"{path} does not exist", {"path": str(path)}) from None
@@ -244,6 +269,12 @@ class ModelConfig:
             )
         if self.cam_layer is not None and self.cam_layer not in {layer.name for layer in self.layers}:
             problems.append(f"cam_layer '{self.cam_layer}' is not a declared layer")
+        if self.grid is not None:
+            cells = self.grid.rows * self.grid.cols
+            if min(self.grid.rows, self.grid.cols) <= 0 or len(self.labels) % cells:
+                problems.append(f"grid {self.grid.rows}x{self.grid.cols} must be positive and divide the {len(self.labels)} labels evenly")
+            elif self.input.height % self.grid.rows or self.input.width % self.grid.cols:
+                problems.append(f"grid {self.grid.rows}x{self.grid.cols} must divide the {self.input.height}x{self.input.width} input")
         for layer in self.layers:
             if min(layer.shape) <= 0:
                 problems.append(f"layer '{layer.name}' has an empty shape {layer.shape}")

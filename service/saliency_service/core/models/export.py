@@ -17,6 +17,7 @@ from saliency_service.core.models.config import (
     ONNX_FILE,
     TORCH_FILE,
     DynamicBatching,
+    GridSpec,
     InputSpec,
     LayerSpec,
     ModelConfig,
@@ -141,6 +142,7 @@ def export_model(
     prefix_tokens: int | None = None,
     default_layer: str | None = None,
     dynamic_batching: DynamicBatching | None = None,
+    grid: GridSpec | None = None,
 ) -> Path:
     """Write `repository/name/` with config.json, model.onnx and model.pt2; return the folder.
 
@@ -155,7 +157,8 @@ def export_model(
     `token_grid`); `prefix_tokens` pins the prefix count when the input size alone is ambiguous.
     Methods then see such a layer as D x h x w (METHODS.md §9). `default_layer` (one of `layers`)
     is the layer CAM methods use when a request names none; by default the last of `layers`.
-    `dynamic_batching` lets the server merge concurrent Explain requests for the model.
+    `dynamic_batching` lets the server merge concurrent Explain requests for the model. `grid`
+    declares a grid model (cell-major labels, one trunk copy per cell; `GridSpec`).
     """
     if not valid_model_name(name):
         raise InvalidArgument("INVALID_MODEL_NAME", f"'{name}' is not a valid model name (lower-case letters, digits, '_', '-', '.')")
@@ -202,6 +205,7 @@ def export_model(
         logits_tolerance=tolerance,
         cam_layer=default_layer,
         dynamic_batching=dynamic_batching,
+        grid=grid,
     )
 
     repository.mkdir(parents=True, exist_ok=True)
