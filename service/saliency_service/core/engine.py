@@ -153,6 +153,8 @@ class _Batch:
     predicted: np.ndarray
     targets: np.ndarray
     foil: int | None = None
+    activations: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """Layer activations from the prediction pass, for methods that start their backward pass there."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ class Engine:
         model = self.repository.get(job.model)
         call = _MethodCall.of(job)
         resolved = self._resolve_method(model, call)
-        batch = self._prepare(model, job.images, job.target, timer, call.foil)
+        batch = self._prepare(model, job.images, job.target, timer, call.foil, resolved)
         maps = self._attribute(model, resolved, batch, self._baselines(model, call.baselines, len(job.images)), job.seed, timer)
         provenance = self._provenance(model, maps, batch, job.seed, timer)
         labels = model.config.labels
@@ -485,13 +487,20 @@ class Engine:
         target: TargetRequest | None,
         timer: _Timer,
         foil: TargetRequest | None = None,
+        resolved: _Resolved | None = None,
     ) -> _Batch:
         check_batch(images, self.limits)
         with timer.stage("decode"):
             decoded = [decode_image(image, i, self.limits) for i, image in enumerate(images)]
             x = to_model_input(decoded, model.config.input)
+        # The prediction pass also returns the activations a method's backward pass can start from (a
+        # CAM's layer, when torch can run just the head after it): the trunk then runs once, in onnxruntime.
+        layers = [layer for layer in resolved.layers if model.has_head(layer)] if resolved and resolved.method.uses_layer else []
         with timer.stage("predict"):
-            logits = model.logits(x)
+            if layers:
+                logits, activations = model.forward(x, layers)
+            else:
+                logits, activations = model.logits(x), {}
         probabilities = _softmax(logits)
         predicted = probabilities.argmax(axis=1)
         targets = self._targets(model, target, predicted)
@@ -513,6 +522,7 @@ class Engine:
             predicted=predicted,
             targets=targets,
             foil=foil_index,
+            activations=activations,
         )
 
     def _baselines(self, model: LoadedModel, baselines: Sequence[ImageInput], count: int) -> np.ndarray | None:
@@ -553,7 +563,7 @@ class Engine:
         foils = None if batch.foil is None else np.full(len(batch.targets), batch.foil, dtype=np.int64)
 
         def run(layer: str | None, at: tuple[str, ...]) -> np.ndarray:
-            request = MethodInput(model, batch.x, batch.targets, resolved.params, layer, seed, foils, baseline, at)
+            request = MethodInput(model, batch.x, batch.targets, resolved.params, layer, seed, foils, baseline, at, batch.activations)
             return np.asarray(method().attribute(request), dtype=np.float32)
 
         with timer.stage("attribute"):
@@ -591,7 +601,7 @@ class Engine:
             foil = call.foil if foil_with_maps else None
             return self._prepare(model, images, call.target, timer, foil), _Maps(maps, SUPPLIED, {}, ())
         resolved = self._resolve_method(model, call)
-        batch = self._prepare(model, images, call.target, timer, call.foil)
+        batch = self._prepare(model, images, call.target, timer, call.foil, resolved)
         baseline = self._baselines(model, call.baselines, len(images))
         return batch, self._attribute(model, resolved, batch, baseline, call.seed, timer)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -39,6 +39,9 @@ class MethodInput:
     layers: tuple[str, ...] = ()
     """Every layer of the request. The engine calls a single-layer method once per layer; a method with
     `multi_layer` gets them all here in one call."""
+    activations: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """Layer activations of `x` (B x C x h x w) that the engine's prediction pass already computed, for
+    `LoadedModel.layer_gradient` to start from; may be empty."""
 
     def objective(self) -> torch.Tensor:
         """B x num_classes weights: +1 on each item's target logit, -1 on its foil's (the objective to differentiate)."""

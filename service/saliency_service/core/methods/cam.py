@@ -65,7 +65,7 @@ class CamMethod(SaliencyMethod):
         layer = require_layer(request, self.name)
         x = torch.from_numpy(np.ascontiguousarray(request.x, dtype=np.float32))
         # One backward pass for the whole batch: items do not interact in eval mode.
-        _, activations, gradients = request.model.layer_gradient(x, request.objective(), layer)
+        _, activations, gradients = request.model.layer_gradient(x, request.objective(), layer, request.activations.get(layer))
         maps = self.cam_map(activations, gradients, request.params)
         spec = request.model.config.input
         return postprocess_cam(maps, spec.height, spec.width)

@@ -85,7 +85,7 @@ class EigenGradCam(SaliencyMethod):
     def attribute(self, request: MethodInput) -> np.ndarray:
         layer = require_layer(request, self.name)
         x = torch.from_numpy(np.ascontiguousarray(request.x, dtype=np.float32))
-        _, activations, gradients = request.model.layer_gradient(x, request.objective(), layer)
+        _, activations, gradients = request.model.layer_gradient(x, request.objective(), layer, request.activations.get(layer))
         maps = first_component_projection(gradients * activations, bool(request.params["center"]))
         spec = request.model.config.input
         return postprocess_cam(maps, spec.height, spec.width)

@@ -179,10 +179,37 @@ class LoadedModel:
             grad_parts.append(grad)
         return torch.cat(logits_parts), torch.cat(grad_parts)
 
-    def layer_gradient(self, x: torch.Tensor, weights: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits, the layer's activation, and the objective's gradient with respect to it (both B x C x h x w)."""
-        logits, activations, gradients = self.layers_gradient(x, weights, [layer])
-        return logits, activations[layer], gradients[layer]
+    def has_head(self, layer: str) -> bool:
+        """Whether torch can differentiate from this layer's activation without the trunk (`TorchRunner.head`)."""
+        spec = self.config.layer(layer)
+        return spec.tokens is None and self.program.head(spec.probe_index) is not None
+
+    def layer_gradient(
+        self, x: torch.Tensor, weights: torch.Tensor, layer: str, activation: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, the layer's activation, and the objective's gradient with respect to it (both B x C x h x w).
+
+        With `activation` (the layer's output for `x` from an onnxruntime pass, as `forward` returns it) and
+        a layer that has a head (only the rest of the network after it, see `TorchRunner.head`), torch runs
+        only that head, forward and backward: no second pass through the trunk.
+        """
+        spec = self.config.layer(layer)
+        head = self.program.head(spec.probe_index) if activation is not None and self.has_head(layer) else None
+        if head is None or activation is None or len(activation) != len(x):
+            logits, activations, gradients = self.layers_gradient(x, weights, [layer])
+            return logits, activations[layer], gradients[layer]
+        logits_parts, grad_parts = [], []
+        step = self.max_batch
+        seen = torch.from_numpy(np.ascontiguousarray(activation, dtype=np.float32))
+        for start in range(0, len(seen), step):
+            part = seen[start : start + step].clone().requires_grad_(True)
+            with torch.enable_grad():
+                logits = head(part)
+                (grad,) = torch.autograd.grad((logits * weights[start : start + step]).sum(), part)
+            self._observe(self.name, "backward", len(part))
+            logits_parts.append(logits.detach())
+            grad_parts.append(grad)
+        return torch.cat(logits_parts), seen, torch.cat(grad_parts)
 
     def layers_gradient(
         self, x: torch.Tensor, weights: torch.Tensor, layers: Sequence[str], deltas: Mapping[str, torch.Tensor] | None = None

@@ -67,6 +67,20 @@ class TorchRunner:
         self.module = module.to(device)
         self.device = device
         self.layer_shapes = [tuple(shape) for shape in layer_shapes]
+        self._heads: dict[int, torch.fx.GraphModule | None] = {}
+
+    def head(self, probe_index: int) -> torch.fx.GraphModule | None:
+        """The part of the program from a layer's activation to the logits, or None when there is none.
+
+        The head exists when the logits depend on the input only through that activation (the layer's
+        output plus its probe): true for the last stage of a CNN, where only pooling and the classifier
+        follow; false where a residual stream bypasses the layer (a transformer block's norm) or the
+        rest of the graph reads the input's shape. Built once per layer, from the program's own graph:
+        the nodes downstream of the probe's add that the logits need, with the add as the input.
+        """
+        if probe_index not in self._heads:
+            self._heads[probe_index] = _cut_head(self.module, probe_index)
+        return self._heads[probe_index]
 
     def zero_probes(self, batch: int) -> list[torch.Tensor]:
         return [torch.zeros((batch, *shape), device=self.device) for shape in self.layer_shapes]
@@ -126,4 +140,49 @@ class TorchRunner:
                         buffer.fill_(1 if short == "running_var" else 0)
         runner = copy.copy(self)
         runner.module = module
+        runner._heads = {}
         return runner
+
+
+def _cut_head(module: torch.nn.Module, probe_index: int) -> torch.fx.GraphModule | None:
+    """See `TorchRunner.head`."""
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return None
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    if len(placeholders) <= 1 + probe_index:
+        return None
+    probe = placeholders[1 + probe_index]
+    # Besides the add, torch.export's input guards may read the probe; they do not lead to the logits.
+    adds = [user for user in probe.users if user.op == "call_function" and user.target is torch.ops.aten.add.Tensor]
+    if len(adds) != 1:
+        return None
+    cut = adds[0]
+    output = next(node for node in graph.nodes if node.op == "output")
+    results = output.args[0]
+    if not isinstance(results, (tuple, list)) or not isinstance(results[0], torch.fx.Node):
+        return None
+    logits = results[0]
+    downstream = {cut}
+    for node in graph.nodes:  # topological order: users come after what they use
+        if any(isinstance(arg, torch.fx.Node) and arg in downstream for arg in node.all_input_nodes):
+            downstream.add(node)
+    needed: set[torch.fx.Node] = set()
+    stack = [logits]
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        if node is cut or node.op == "get_attr":
+            continue
+        if node not in downstream:
+            return None  # the logits read something the activation does not carry
+        stack.extend(node.all_input_nodes)
+    head = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {cut: head.placeholder("activation")}
+    for node in graph.nodes:
+        if node in needed and node is not cut:
+            env[node] = head.node_copy(node, lambda arg: env[arg])
+    head.output(env[logits])
+    return torch.fx.GraphModule(module, head)
