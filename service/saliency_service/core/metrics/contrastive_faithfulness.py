@@ -21,7 +21,8 @@ import torch
 from saliency_service.core.images import gaussian_blur
 from saliency_service.core.metrics.base import METRICS, MetricInput, MetricValue, ScoreMetric
 from saliency_service.core.metrics.deletion_insertion import SUBSTRATES, pixel_ranks, target_scores
-from saliency_service.core.metrics.inputs import check_saliency, require_foils, score_images
+from saliency_service.core.metrics.inputs import require_foils, score_images
+from saliency_service.core.metrics.map_inputs import check_saliency
 from saliency_service.core.params import ParamSpec
 
 ALPHAS = np.round(np.arange(1, 10) / 10, 1)

@@ -16,6 +16,7 @@ import torch
 from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.images import gaussian_blur
 from saliency_service.core.metrics.base import METRICS, MetricInput, MetricValue, ProgressFn, ScoreMetric, no_progress
+from saliency_service.core.metrics.map_inputs import check_pixels, check_saliency
 from saliency_service.core.params import ParamSpec
 
 MAX_STEP = 1_000_000
@@ -104,24 +105,9 @@ def curve_fractions(pixels: int, step: int) -> np.ndarray:
 
 
 def _check(request: MetricInput, step: int, metric: str) -> None:
-    batch, _, height, width = request.x.shape
-    if request.saliency.shape != (batch, height, width):
-        raise InvalidArgument(
-            "SALIENCY_SHAPE_MISMATCH",
-            f"{metric}: saliency maps have shape {request.saliency.shape}; they must be {(batch, height, width)}, "
-            "one map per image at the model's input resolution",
-            {"metric": metric},
-        )
-    if not np.isfinite(request.saliency).all():
-        raise InvalidArgument(
-            "NON_FINITE_SALIENCY", f"{metric}: saliency maps contain NaN or infinity; pixels cannot be ranked", {"metric": metric}
-        )
-    if step > height * width:
-        raise InvalidArgument(
-            "PARAMETER_OUT_OF_RANGE",
-            f"{metric}: step = {step} is larger than the image's {height * width} pixels; use a step in [1, {height * width}]",
-            {"parameter": "step", "owner": metric, "maximum": height * width},
-        )
+    _, _, height, width = request.x.shape
+    check_saliency(request, metric)
+    check_pixels(step, "step", height * width, metric)
 
 
 def _params(default_substrate: str, substrate_help: str) -> tuple[ParamSpec, ...]:

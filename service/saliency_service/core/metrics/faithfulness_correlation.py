@@ -16,7 +16,8 @@ import numpy as np
 
 from saliency_service.core.metrics.base import METRICS, MetricInput, MetricValue, ScoreMetric
 from saliency_service.core.metrics.deletion_insertion import SCORES, target_scores
-from saliency_service.core.metrics.inputs import REFERENCES, check_pixels, check_saliency, reference_image, score_images
+from saliency_service.core.metrics.inputs import REFERENCE_PARAM, reference_image, score_images
+from saliency_service.core.metrics.map_inputs import check_pixels, check_saliency
 from saliency_service.core.metrics.similarity import pearson
 from saliency_service.core.params import ParamSpec
 
@@ -46,13 +47,7 @@ class FaithfulnessCorrelation(ScoreMetric):
             minimum=1,
             maximum=1_000_000,
         ),
-        ParamSpec(
-            "reference",
-            "string",
-            "black",
-            "What removed pixels become: the image's minimum (black), maximum (white), mean, or zero in normalised space.",
-            choices=REFERENCES,
-        ),
+        REFERENCE_PARAM,
         ParamSpec("score", "string", "logit", "The output whose drop is measured: the target's logit (Quantus) or probability.",
                   choices=SCORES),
     )

@@ -17,7 +17,8 @@ import numpy as np
 
 from saliency_service.core.metrics.base import METRICS, MetricInput, MetricValue, ScoreMetric
 from saliency_service.core.metrics.deletion_insertion import SCORES, target_scores
-from saliency_service.core.metrics.inputs import REFERENCES, check_pixels, check_saliency, reference_image, score_images
+from saliency_service.core.metrics.inputs import REFERENCE_PARAM, reference_image, score_images
+from saliency_service.core.metrics.map_inputs import check_pixels, check_saliency
 from saliency_service.core.params import ParamSpec
 
 MAX_SAMPLES = 5000
@@ -69,13 +70,7 @@ class Infidelity(ScoreMetric):
     params = (
         ParamSpec("samples", "int", 200, "Random squares removed, one forward pass each.", minimum=1, maximum=MAX_SAMPLES),
         ParamSpec("patch_size", "int", 4, "Side of each removed square in pixels (at most the image's side).", minimum=1, maximum=4096),
-        ParamSpec(
-            "reference",
-            "string",
-            "black",
-            "What removed pixels become: the image's minimum (black), maximum (white), mean, or zero in normalised space.",
-            choices=REFERENCES,
-        ),
+        REFERENCE_PARAM,
         ParamSpec("rescale", "bool", True, "Rescale the map by Yeh's optimal beta before the error (False: beta = 1)."),
         ParamSpec("score", "string", "logit", "The output whose drop is measured: the target's logit (Yeh, Quantus) or probability.",
                   choices=SCORES),

@@ -1,4 +1,4 @@
-"""What several metrics share: checking the maps they get, reference images, batched scoring and explaining, foils."""
+"""What several metrics share: reference images, batched scoring and explaining, foils (map checks: `map_inputs`)."""
 
 from __future__ import annotations
 
@@ -10,38 +10,23 @@ from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.metrics.base import ExplainFn, MetricInput, ProgressFn
 from saliency_service.core.metrics.deletion_insertion import target_scores
 from saliency_service.core.models.model import LoadedModel
+from saliency_service.core.params import ParamSpec
 
 REFERENCES = ("black", "white", "mean", "zero")
 """Reference values for removed pixels (Quantus' names, METRICS.md §4): the image's minimum ("black") or
 maximum ("white") over all its values, its mean, or zero in normalised space (the dataset mean)."""
 
+REFERENCE_PARAM = ParamSpec(
+    "reference",
+    "string",
+    "black",
+    "What removed pixels become: the image's minimum (black), maximum (white), mean, or zero in normalised space.",
+    choices=REFERENCES,
+)
+
 # Perturbed images are scored this many at most per logits call (one call per chunk; the model splits
 # further by its max batch): 64 MiB of 3 x 128 x 128 float32 images.
 _CHUNK_BYTES = 64 * 1024 * 1024
-
-
-def check_saliency(request: MetricInput, metric: str) -> None:
-    """Refuse maps that are not one finite H x W map per image."""
-    batch, _, height, width = request.x.shape
-    if request.saliency.shape != (batch, height, width):
-        raise InvalidArgument(
-            "SALIENCY_SHAPE_MISMATCH",
-            f"{metric}: saliency maps have shape {request.saliency.shape}; they must be {(batch, height, width)}, "
-            "one map per image at the model's input resolution",
-            {"metric": metric},
-        )
-    if not np.isfinite(request.saliency).all():
-        raise InvalidArgument("NON_FINITE_SALIENCY", f"{metric}: saliency maps contain NaN or infinity", {"metric": metric})
-
-
-def check_pixels(value: int, name: str, pixels: int, metric: str) -> None:
-    """Refuse a pixel count larger than the image."""
-    if value > pixels:
-        raise InvalidArgument(
-            "PARAMETER_OUT_OF_RANGE",
-            f"{metric}: {name} = {value} is larger than the image's {pixels} pixels; use at most {pixels}",
-            {"parameter": name, "owner": metric, "maximum": pixels},
-        )
 
 
 def require_foils(request: MetricInput, metric: str) -> np.ndarray:

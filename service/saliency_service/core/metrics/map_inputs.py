@@ -36,8 +36,8 @@ def attribution_view(maps: np.ndarray, attribution: str) -> np.ndarray:
     return view
 
 
-def checked_maps(request: MetricInput, metric: str) -> np.ndarray:
-    """B x H x W float64 maps, one per image at the model's input resolution, all finite."""
+def check_saliency(request: MetricInput, metric: str) -> None:
+    """Refuse maps that are not one finite H x W map per image at the model's input resolution."""
     batch, _, height, width = request.x.shape
     if request.saliency.shape != (batch, height, width):
         raise InvalidArgument(
@@ -46,10 +46,24 @@ def checked_maps(request: MetricInput, metric: str) -> np.ndarray:
             "one map per image at the model's input resolution",
             {"metric": metric},
         )
-    maps = np.asarray(request.saliency, dtype=np.float64)
-    if not np.isfinite(maps).all():
+    if not np.isfinite(request.saliency).all():
         raise InvalidArgument("NON_FINITE_SALIENCY", f"{metric}: saliency maps contain NaN or infinity", {"metric": metric})
-    return maps
+
+
+def check_pixels(value: int, name: str, pixels: int, metric: str) -> None:
+    """Refuse a pixel count larger than the image."""
+    if value > pixels:
+        raise InvalidArgument(
+            "PARAMETER_OUT_OF_RANGE",
+            f"{metric}: {name} = {value} is larger than the image's {pixels} pixels; use at most {pixels}",
+            {"parameter": name, "owner": metric, "maximum": pixels},
+        )
+
+
+def checked_maps(request: MetricInput, metric: str) -> np.ndarray:
+    """B x H x W float64 maps, one per image at the model's input resolution, all finite."""
+    check_saliency(request, metric)
+    return np.asarray(request.saliency, dtype=np.float64)
 
 
 def checked_masks(request: MetricInput, metric: str) -> np.ndarray:

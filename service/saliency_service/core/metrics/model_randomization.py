@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from saliency_service.core.metrics.base import METRICS, MetricInput, MetricValue, ScoreMetric, no_progress
-from saliency_service.core.metrics.inputs import check_saliency, explain_rows
+from saliency_service.core.metrics.inputs import explain_rows
+from saliency_service.core.metrics.map_inputs import check_saliency
 from saliency_service.core.metrics.similarity import spearman
 from saliency_service.core.params import ParamSpec
 

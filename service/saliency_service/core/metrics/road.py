@@ -24,7 +24,8 @@ from scipy.sparse.linalg import splu
 from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.metrics.base import METRICS, MetricInput, MetricValue, ScoreMetric
 from saliency_service.core.metrics.deletion_insertion import SCORES, pixel_ranks, target_scores
-from saliency_service.core.metrics.inputs import check_saliency, score_images
+from saliency_service.core.metrics.inputs import score_images
+from saliency_service.core.metrics.map_inputs import check_saliency
 from saliency_service.core.params import ParamSpec
 
 DEFAULT_PERCENTAGES = "10,20,30,40,50,70,90"
