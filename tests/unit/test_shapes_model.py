@@ -31,7 +31,7 @@ def heldout() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def test_embedded_repository_serves_shapes() -> None:
     statuses = ModelRepository(EMBEDDED_REPOSITORY).load_all()
-    assert [(s.name, s.ready) for s in statuses] == [("shapes", True), ("vit_shapes", True)]
+    assert [(s.name, s.ready) for s in statuses] == [("shapes", True), ("shapes_grid", True), ("vit_shapes", True)]
     config = statuses[0].config
     assert config is not None
     assert config.labels == LABELS
