@@ -22,7 +22,7 @@ from torch import nn
 from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.methods import METHODS, MethodInput
 from saliency_service.core.methods.lrp import COMPOSITES, GUIDED_BACKPROP, composite_rules, input_relevance
-from saliency_service.core.methods.rules import plan_for, zbox_bounds
+from saliency_service.core.methods.rules import _transpose_for, _vjp, plan_for, zbox_bounds
 from saliency_service.core.methods.salient_relevance import context_aware_saliency
 from saliency_service.core.models.export import export_model
 from saliency_service.core.models.model import LoadedModel, RuntimeOptions
@@ -578,3 +578,43 @@ def test_salient_relevance_is_ca_saliency_of_notebook_lrp(ref_net: tuple[RefNet,
         expected = slow_context_aware(image, 250)
         assert expected.max() > 0
         np.testing.assert_allclose(maps[item], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("target", "args"),
+    [
+        ("conv2d", dict(stride=[2, 2], padding=[1, 1], dilation=[1, 1], groups=1)),
+        ("conv2d", dict(stride=[1, 1], padding=[2, 2], dilation=[2, 2], groups=2)),
+        ("conv2d_short", {}),
+        ("convolution", dict(stride=[2, 1], padding=[0, 1], dilation=[1, 1], groups=1)),
+        ("linear", {}),
+    ],
+)
+def test_the_transposed_op_equals_autograd_through_a_forward(target: str, args: dict[str, Any]) -> None:
+    """The rules' input-gradient shortcut (no forward pass) gives what the generic autograd path gives."""
+    aten = torch.ops.aten
+    generator = torch.Generator().manual_seed(3)
+    if target == "linear":
+        x, weight = torch.randn(5, 7, generator=generator), torch.randn(4, 7, generator=generator)
+        op, template = aten.linear.default, [x, weight, None]
+    else:
+        groups = int(args.get("groups", 1))
+        x, weight = torch.randn(2, 4, 9, 8, generator=generator), torch.randn(6, 4 // groups, 3, 3, generator=generator)
+        if target == "conv2d_short":  # defaults left out of the exported call
+            op, template = aten.conv2d.default, [x, weight, None]
+        elif target == "conv2d":
+            op, template = aten.conv2d.default, [x, weight, None, args["stride"], args["padding"], args["dilation"], groups]
+        else:
+            op = aten.convolution.default
+            template = [x, weight, None, args["stride"], args["padding"], args["dilation"], False, [0, 0], groups]
+
+    def call(inp: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        full = list(template)
+        full[0], full[1] = inp, w
+        out: torch.Tensor = op(*full)
+        return out
+
+    transpose = _transpose_for(op, template, {}, 0, 1)
+    assert transpose is not None
+    vector = torch.randn(call(x, weight, None).shape, generator=generator)
+    torch.testing.assert_close(transpose(x, weight, vector), _vjp(call, x, weight, vector), rtol=1e-5, atol=1e-5)

@@ -135,12 +135,56 @@ def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
 # ---- rule backward passes ----
 
 
+Transpose = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""transpose(like, weight, vector) = d(sum(vector * f(x, weight)))/dx for an `Affine` f, without running f."""
+
+
 def _vjp(call: Affine, like: torch.Tensor, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """d(sum(vector * f(x, weight)))/dx; f is linear in x, so this does not depend on x."""
+    """d(sum(vector * f(x, weight)))/dx; f is linear in x, so this does not depend on x.
+
+    The generic way: autograd through one forward of f on a zero probe. Convolutions and dense ops
+    have a `Transpose` instead (`_transpose_for`), which skips that forward.
+    """
     with torch.enable_grad():
         probe = torch.zeros_like(like, requires_grad=True)
         (grad,) = torch.autograd.grad(call(probe, weight, None), probe, vector)
     return grad
+
+
+def _spatial(value: Any, dims: int) -> list[int]:
+    values = [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+    return values * dims if len(values) == 1 else values
+
+
+def _transpose_for(target: Any, args: Sequence[Any], kwargs: dict[str, Any], spec_input: int, spec_weight: int) -> Transpose | None:
+    """The input-gradient of a convolution or dense op as its own op (the transposed convolution), or None."""
+    if kwargs or (spec_input, spec_weight) != (0, 1):
+        return None
+    if target == _aten.linear.default:
+        return lambda like, weight, vector: vector @ weight
+    if target not in (_aten.conv2d.default, _aten.convolution.default) or not isinstance(args[1], torch.Tensor):
+        return None
+    dims = args[1].ndim - 2
+    if target == _aten.conv2d.default:
+        stride, padding, dilation, groups = (list(args[3:7]) + [1, 0, 1, 1][len(args[3:7]) :])[:4]
+        output_padding: Any = [0] * dims
+    else:
+        if len(args) < 9 or args[6]:  # transposed convolutions keep the generic path
+            return None
+        stride, padding, dilation, _, output_padding, groups = args[3:9]
+    if isinstance(padding, str):
+        return None
+    stride, padding, dilation = _spatial(stride, dims), _spatial(padding, dims), _spatial(dilation, dims)
+    output_padding = _spatial(output_padding, dims)
+
+    def transpose(like: torch.Tensor, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        grads = _aten.convolution_backward(
+            vector, like, weight, None, stride, padding, dilation, False, output_padding, int(groups), [True, False, False]
+        )
+        grad: torch.Tensor = grads[0]
+        return grad
+
+    return transpose
 
 
 def _bias(bias: torch.Tensor | None, modify: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
@@ -148,12 +192,23 @@ def _bias(bias: torch.Tensor | None, modify: Callable[[torch.Tensor], torch.Tens
 
 
 def linear_relevance(
-    rule: LinearRule, call: Affine, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relevance: torch.Tensor
+    rule: LinearRule,
+    call: Affine,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    relevance: torch.Tensor,
+    transpose: Transpose | None = None,
+    output: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Relevance at the input of out = call(x, weight, bias) given relevance at its output, by `rule`."""
+    """Relevance at the input of out = call(x, weight, bias) given relevance at its output, by `rule`.
+
+    `transpose` (the op's input-gradient) and `output` (call(x, weight, bias), from the forward pass)
+    are optional shortcuts that spare forward passes; the result is the same without them.
+    """
     eps = rule.epsilon
     if rule.zero_bias:
-        bias = None
+        bias, output = None, None
     pos, neg = x.clamp(min=0), x.clamp(max=0)
     w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
 
@@ -161,10 +216,11 @@ def linear_relevance(
         return call(inp, w, b)
 
     def back(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return _vjp(call, x, w, v)
+        return _vjp(call, x, w, v) if transpose is None else transpose(x, w, v)
 
     if rule.kind == "epsilon":
-        return x * back(weight, relevance / stabilize(out(x, weight, bias), eps))
+        z = out(x, weight, bias) if output is None else output
+        return x * back(weight, relevance / stabilize(z, eps))
     if rule.kind == "zplus":
         z = out(pos, w_pos, _bias(bias, lambda b: b.clamp(min=0))) + out(neg, w_neg, None)
         v = relevance / stabilize(z, eps)
@@ -179,7 +235,7 @@ def linear_relevance(
     if rule.kind == "gamma":
         g = rule.gamma
         w_up, w_down = weight + g * w_pos, weight + g * w_neg
-        z = out(x, weight, bias)
+        z = out(x, weight, bias) if output is None else output
         z_up = out(pos, w_up, _bias(bias, lambda b: b + g * b.clamp(min=0))) + out(neg, w_down, None)
         z_down = out(pos, w_down, _bias(bias, lambda b: b + g * b.clamp(max=0))) + out(neg, w_up, None)
         v_up = (z > 0).to(z.dtype) * relevance / stabilize(z_up, eps)
@@ -202,15 +258,16 @@ def linear_relevance(
 class _LinearRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        ctx.save_for_backward(x)
+        output = layer.call(x, layer.weight, layer.bias)
+        ctx.save_for_backward(x, output)
         ctx.layer = layer
-        return layer.call(x, layer.weight, layer.bias)
+        return output
 
     @staticmethod
     def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (x,) = ctx.saved_tensors
+        x, output = ctx.saved_tensors
         layer: _Layer = ctx.layer
-        return linear_relevance(layer.rule, layer.call, x, layer.weight, layer.bias, relevance), None
+        return linear_relevance(layer.rule, layer.call, x, layer.weight, layer.bias, relevance, layer.transpose, output), None
 
 
 class _PassFunction(torch.autograd.Function):
@@ -290,6 +347,7 @@ class _Layer:
     weight: torch.Tensor
     bias: torch.Tensor | None
     rule: LinearRule
+    transpose: Transpose | None = None
 
 
 @dataclass(frozen=True)
@@ -547,7 +605,7 @@ class RuleInterpreter(fx.Interpreter):
             result: torch.Tensor = target(*full, **kwargs)
             return result
 
-        layer = _Layer(call, weight, bias, spec.rule)
+        layer = _Layer(call, weight, bias, spec.rule, _transpose_for(target, template, kwargs, spec.input_index, spec.weight_index))
         output: torch.Tensor = _apply(_LinearRuleFunction, args[spec.input_index], layer)
         return output
 
