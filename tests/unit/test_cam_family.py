@@ -17,11 +17,16 @@ import pytest
 import torch
 from torch import nn
 
+from saliency_service.config import EMBEDDED_REPOSITORY
 from saliency_service.core.errors import InvalidArgument
+from saliency_service.core.images import to_model_input
 from saliency_service.core.methods import METHODS, MethodInput
+from saliency_service.core.methods.cam import postprocess_cam
+from saliency_service.core.methods.score_cam import score_masks
 from saliency_service.core.models.export import export_model
 from saliency_service.core.models.model import LoadedModel, RuntimeOptions
 from saliency_service.core.params import resolve_params
+from saliency_service.shapes.generator import HELDOUT_SEED_OFFSET, generate
 
 from .conftest import MEAN, STD, ModelCase
 
@@ -534,3 +539,25 @@ def test_every_cam_needs_a_layer(method: str, tiny_cnn: ModelCase) -> None:
         cls().attribute(request)
     assert caught.value.reason == "LAYER_REQUIRED"
     assert cls.family == "cam" and cls.uses_layer and cls.contrastive
+
+
+def test_score_cam_scores_constant_channels_like_any_other() -> None:
+    """Constant channels (all-zero masks) are scored by one zero-image pass per item: the same weights as
+    scoring every channel's masked input one by one. The shipped model's layer2 has such channels."""
+    model = LoadedModel.load(EMBEDDED_REPOSITORY / "shapes")
+    spec = model.config.input
+    x = to_model_input([generate(HELDOUT_SEED_OFFSET + i).image for i in range(3)], spec)
+    targets = model.logits(x).argmax(axis=1)
+    _, outputs = model.forward(x, ["layer2"])
+    activations = torch.from_numpy(outputs["layer2"])
+    flat = activations.flatten(2)
+    constant = flat.amax(dim=2) == flat.amin(dim=2)
+    assert constant.any(dim=1).sum() >= 2, "the test needs items with constant channels"
+    maps = _attribute(model, "score_cam", x, targets, layer="layer2")
+    masks = score_masks(activations, spec.height, spec.width).float()
+    for item in range(len(x)):
+        masked = (torch.from_numpy(x[item])[None] * masks[item][:, None]).numpy()
+        scores = model.logits(masked)[:, targets[item]].astype(np.float64)
+        weights = torch.softmax(torch.from_numpy(scores), dim=0)
+        expected = postprocess_cam((weights[:, None, None] * activations[item].double()).sum(dim=0)[None], spec.height, spec.width)[0]
+        np.testing.assert_allclose(maps[item], expected, atol=1e-5)

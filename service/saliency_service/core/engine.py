@@ -493,9 +493,10 @@ class Engine:
         with timer.stage("decode"):
             decoded = [decode_image(image, i, self.limits) for i, image in enumerate(images)]
             x = to_model_input(decoded, model.config.input)
-        # The prediction pass also returns the activations a method's backward pass can start from (a
-        # CAM's layer, when torch can run just the head after it): the trunk then runs once, in onnxruntime.
-        layers = [layer for layer in resolved.layers if model.has_head(layer)] if resolved and resolved.method.uses_layer else []
+        # The prediction pass also returns the activations of a layer method's layers: CAMs start their
+        # backward pass there (when torch can run just the head after the layer) and the forward-only
+        # CAMs read them, so the trunk runs once, in onnxruntime.
+        layers = list(resolved.layers) if resolved is not None and resolved.method.uses_layer else []
         with timer.stage("predict"):
             if layers:
                 logits, activations = model.forward(x, layers)

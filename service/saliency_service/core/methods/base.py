@@ -43,6 +43,15 @@ class MethodInput:
     """Layer activations of `x` (B x C x h x w) that the engine's prediction pass already computed, for
     `LoadedModel.layer_gradient` to start from; may be empty."""
 
+    def activation(self, layer: str) -> np.ndarray:
+        """The layer's activation for `x` (B x C x h x w): from the prediction pass when the engine kept it,
+        else from one onnxruntime pass."""
+        cached = self.activations.get(layer)
+        if cached is not None and len(cached) == len(self.x):
+            return cached
+        _, outputs = self.model.forward(np.ascontiguousarray(self.x, dtype=np.float32), [layer])
+        return outputs[layer]
+
     def objective(self) -> torch.Tensor:
         """B x num_classes weights: +1 on each item's target logit, -1 on its foil's (the objective to differentiate)."""
         weights = torch.zeros((len(self.targets), self.model.config.num_classes))

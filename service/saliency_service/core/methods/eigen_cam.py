@@ -53,8 +53,7 @@ class EigenCam(SaliencyMethod):
 
     def attribute(self, request: MethodInput) -> np.ndarray:
         layer = require_layer(request, self.name)
-        _, activations = request.model.forward(np.ascontiguousarray(request.x, dtype=np.float32), [layer])
-        maps = first_component_projection(torch.from_numpy(activations[layer]), bool(request.params["center"]))
+        maps = first_component_projection(torch.from_numpy(request.activation(layer)), bool(request.params["center"]))
         spec = request.model.config.input
         return postprocess_cam(maps, spec.height, spec.width)
 

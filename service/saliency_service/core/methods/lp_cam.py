@@ -321,8 +321,7 @@ class LpCam(SaliencyMethod):
         layer = require_layer(request, self.name)
         prototypes = cached_prototypes(request.model, layer)
         x = np.ascontiguousarray(request.x, dtype=np.float32)
-        _, outputs = request.model.forward(x, [layer])
-        features = torch.from_numpy(outputs[layer]).double()
+        features = torch.from_numpy(request.activation(layer)).double()
         if request.params["flip"]:
             _, flipped = request.model.forward(np.ascontiguousarray(x[..., ::-1]), [layer])
             features = features + torch.from_numpy(flipped[layer]).double().flip(-1)

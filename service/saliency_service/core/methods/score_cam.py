@@ -80,22 +80,34 @@ class ScoreCam(SaliencyMethod):
         layer = require_layer(request, self.name)
         model = request.model
         x_np = np.ascontiguousarray(request.x, dtype=np.float32)
-        _, layer_outputs = model.forward(x_np, [layer])
-        activations = torch.from_numpy(layer_outputs[layer])
+        activations = torch.from_numpy(request.activation(layer))
         batch, channels = activations.shape[:2]
         spec = model.config.input
         masks = score_masks(activations, spec.height, spec.width).float()
         x = torch.from_numpy(x_np)
-        rows = batch * channels
-        scores = np.empty(rows, dtype=np.float64)
-        for start, end in _chunks(rows, model.max_batch):
-            index = torch.arange(start, end)
-            items, kept = index // channels, index % channels
-            masked = (x[items] * masks[items, kept][:, None]).numpy()
-            logits = model.logits(masked)
-            if request.params["score"] == "probability":
+        probability = request.params["score"] == "probability"
+
+        def score(inputs: np.ndarray, items: np.ndarray) -> np.ndarray:
+            logits = model.logits(inputs)
+            if probability:
                 logits = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
-            scores[start:end] = request.objective_of(logits, items.numpy())
+            return request.objective_of(logits, items)
+
+        # A constant channel's mask is all zero, so its masked input is the zero image, the same for
+        # every such channel of an item: one pass per item scores them all (ReLU layers have many).
+        live = masks.amax(dim=(2, 3)) > 0
+        scores = np.empty(batch * channels, dtype=np.float64)
+        rows = torch.nonzero(live.flatten()).flatten()
+        for start, end in _chunks(len(rows), model.max_batch):
+            index = rows[start:end]
+            items, kept = index // channels, index % channels
+            scores[index.numpy()] = score((x[items] * masks[items, kept][:, None]).numpy(), items.numpy())
+        dead_items = torch.nonzero((~live).any(dim=1)).flatten().numpy()
+        if len(dead_items):
+            blank = score(np.zeros((len(dead_items), *x_np.shape[1:]), dtype=np.float32), dead_items)
+            for item, value in zip(dead_items, blank, strict=True):
+                dead = torch.nonzero(~live[item]).flatten().numpy()
+                scores[item * channels + dead] = value
         weights = torch.from_numpy(scores).reshape(batch, channels)
         if request.params["channel_softmax"]:
             weights = torch.softmax(weights, dim=1)
@@ -159,8 +171,7 @@ class AblationCam(SaliencyMethod):
         layer = require_layer(request, self.name)
         model = request.model
         x_np = np.ascontiguousarray(request.x, dtype=np.float32)
-        _, layer_outputs = model.forward(x_np, [layer])
-        activations = torch.from_numpy(layer_outputs[layer])
+        activations = torch.from_numpy(request.activation(layer))
         batch, channels = activations.shape[:2]
         chosen = channels_to_ablate(activations, float(request.params["channel_ratio"]))
         # Per item: one row with nothing ablated (y), then one row per chosen channel (y_k).
