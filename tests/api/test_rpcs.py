@@ -163,13 +163,18 @@ METRIC_CASES: dict[str, dict[str, object]] = {
     "random_logit": {},
     "class_sensitivity": {},
     "contrastive_faithfulness": {},
+    "group_faithfulness": {"substrate": "blur"},
+    "class_in_group": {},
+    "group_contrast": {},
 }
+FOIL_METRICS = ("contrastive_faithfulness", "group_contrast")
 
 
 @pytest.mark.parametrize("metric", list(METRIC_CASES))
 def test_score_each_faithfulness_and_sanity_metric(client: SaliencyClient, samples: list[Sample], metric: str) -> None:
     sample = samples[0]
-    foil = LABELS[(sample.label + 1) % len(LABELS)] if metric == "contrastive_faithfulness" else None
+    # Two classes on: always another label group of `shapes`.
+    foil = LABELS[(sample.label + 2) % len(LABELS)] if metric in FOIL_METRICS else None
     (result,) = client.score("shapes", [sample.image], method="grad_cam", metric=metric, params=METRIC_CASES[metric], foil=foil)
     assert result.metric == metric and math.isfinite(result.value)
     assert result.provenance.method == "grad_cam"

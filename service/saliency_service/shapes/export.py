@@ -13,7 +13,7 @@ import torch
 from saliency_service.config import EMBEDDED_REPOSITORY
 from saliency_service.core.models.export import export_model
 from saliency_service.shapes.generator import IMAGE_SIZE, LABELS
-from saliency_service.shapes.network import MEAN, SERVING_BATCHING, STD, ShapesNet
+from saliency_service.shapes.network import MEAN, SERVING_BATCHING, SHAPE_GROUPS, STD, ShapesNet
 
 LAYERS = ("layer1", "layer2", "layer3")
 DESCRIPTION = "Residual CNN trained by saliency-service on its procedural shapes dataset (128x128 RGB)."
@@ -35,6 +35,7 @@ def export_shapes(weights: Path, repository: Path = EMBEDDED_REPOSITORY, version
         version=version,
         description=DESCRIPTION,
         overwrite=True,        dynamic_batching=SERVING_BATCHING,
+        groups=SHAPE_GROUPS,
     )
 
 

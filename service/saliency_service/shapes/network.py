@@ -19,6 +19,10 @@ from saliency_service.core.models.config import DynamicBatching
 # a request waiting at most 2 ms for company.
 SERVING_BATCHING = DynamicBatching(max_batch_size=16, max_queue_delay_microseconds=2000)
 
+# Coarse classes over the shapes (RFxG's group granularity): outlines without corners, polygons, and
+# shapes with re-entrant points.
+SHAPE_GROUPS: dict[str, tuple[str, ...]] = {"rounded": ("circle", "heart"), "polygon": ("square", "triangle"), "pointed": ("star", "cross")}
+
 # Per-channel statistics of generated training images scaled to [0, 1]
 # (measured on 20k single- and two-shape training images, rounded).
 MEAN: tuple[float, float, float] = (0.500, 0.500, 0.498)

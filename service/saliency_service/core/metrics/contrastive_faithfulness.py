@@ -9,8 +9,7 @@ under g over alpha divided by the 0.8 span (the mean contrast); the paper's unno
 component "area", and the untouched image's p_a - p_b is "clean". A model that ignores its input
 gives value = clean.
 
-Only the fine-class view is implemented: RFxG's group metrics (PGS, CGC, CGS) need class groups, and
-model configs define none.
+The group-granularity scores (PGS, CGC, CGS) are in `rfxg_groups`.
 """
 
 from __future__ import annotations

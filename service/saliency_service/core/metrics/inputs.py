@@ -78,6 +78,28 @@ def score_images(
     return values
 
 
+def softmax_of_images(
+    request: MetricInput, count: int, make: Callable[[np.ndarray], np.ndarray], *, stage: str = "perturbation passes"
+) -> np.ndarray:
+    """count x classes softmax probabilities of perturbed images, built and forwarded as `score_images` does."""
+    _, channels, height, width = request.x.shape
+    per_call = max(1, _CHUNK_BYTES // (channels * height * width * 4))
+    result = np.empty((count, request.model.config.num_classes), dtype=np.float64)
+    for first in range(0, count, per_call):
+        rows = np.arange(first, min(count, first + per_call))
+        result[rows] = softmax(request.model.logits(np.ascontiguousarray(make(rows), dtype=np.float32)))
+        request.progress(stage, int(rows[-1]) + 1, count)
+    return result
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, shifted by the row maximum so exp cannot overflow."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    probabilities: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
+    return probabilities
+
+
 def require_explain(request: MetricInput, metric: str) -> ExplainFn:
     """The request's explain callback, or METHOD_REQUIRED_FOR_METRIC (the engine refuses such requests earlier)."""
     if request.explain is None:

@@ -147,6 +147,16 @@ class ModelConfig:
     dynamic_batching: DynamicBatching | None = None
     # A grid model's cell layout (`grid_pointing_game`); None for an ordinary classifier.
     grid: GridSpec | None = None
+    # Named groups of labels (RFxG's granularity: a coarse class such as "dog" over its breeds); empty: none.
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def group_of(self, class_index: int) -> tuple[str, tuple[int, ...]] | None:
+        """The first group holding this class: its name and its members' indices; None when it is in none."""
+        label = self.labels[class_index]
+        for name, members in self.groups.items():
+            if label in members:
+                return name, tuple(self.labels.index(member) for member in members)
+        return None
 
     @property
     def num_classes(self) -> int:
@@ -186,8 +196,8 @@ class ModelConfig:
             # Convolutional layers are written exactly as before token layers existed.
             if layer["tokens"] is None:
                 del layer["tokens"]
-        for optional in ("cam_layer", "dynamic_batching", "grid"):
-            if raw[optional] is None:
+        for optional in ("cam_layer", "dynamic_batching", "grid", "groups"):
+            if not raw[optional]:
                 del raw[optional]
         return json.dumps(raw, indent=2) + "\n"
 
@@ -231,10 +241,11 @@ class ModelConfig:
                     if k in raw
                 },
                 grid=GridSpec(rows=int(raw["grid"]["rows"]), cols=int(raw["grid"]["cols"])) if raw.get("grid") is not None else None,
+                groups={str(name): tuple(str(label) for label in members) for name, members in raw.get("groups", {}).items()},
             )
         except FileNotFoundError:
             raise FailedPrecondition("MODEL_CONFIG_MISSING", f"{path} does not exist", {"path": str(path)}) from None
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise FailedPrecondition("MODEL_CONFIG_INVALID", f"{path} is not a valid model config: {exc!r}", {"path": str(path)}) from None
         config.check(folder)
         return config
@@ -269,6 +280,10 @@ class ModelConfig:
             )
         if self.cam_layer is not None and self.cam_layer not in {layer.name for layer in self.layers}:
             problems.append(f"cam_layer '{self.cam_layer}' is not a declared layer")
+        for group, members in self.groups.items():
+            unknown = [label for label in members if label not in self.labels]
+            if not members or unknown or len(set(members)) != len(members):
+                problems.append(f"group '{group}' must list distinct labels of the model (unknown: {unknown or 'none'})")
         if self.grid is not None:
             cells = self.grid.rows * self.grid.cols
             if min(self.grid.rows, self.grid.cols) <= 0 or len(self.labels) % cells:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +143,7 @@ def export_model(
     default_layer: str | None = None,
     dynamic_batching: DynamicBatching | None = None,
     grid: GridSpec | None = None,
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """Write `repository/name/` with config.json, model.onnx and model.pt2; return the folder.
 
@@ -158,7 +159,8 @@ def export_model(
     Methods then see such a layer as D x h x w (METHODS.md §9). `default_layer` (one of `layers`)
     is the layer CAM methods use when a request names none; by default the last of `layers`.
     `dynamic_batching` lets the server merge concurrent Explain requests for the model. `grid`
-    declares a grid model (cell-major labels, one trunk copy per cell; `GridSpec`).
+    declares a grid model (cell-major labels, one trunk copy per cell; `GridSpec`). `groups` names
+    groups of labels (coarse classes) for the group-granularity metrics.
     """
     if not valid_model_name(name):
         raise InvalidArgument("INVALID_MODEL_NAME", f"'{name}' is not a valid model name (lower-case letters, digits, '_', '-', '.')")
@@ -206,6 +208,7 @@ def export_model(
         cam_layer=default_layer,
         dynamic_batching=dynamic_batching,
         grid=grid,
+        groups={name: tuple(members) for name, members in (groups or {}).items()},
     )
 
     repository.mkdir(parents=True, exist_ok=True)
