@@ -7,7 +7,6 @@ that returns the attribution, so the benchmark times it exactly as it times our 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -15,8 +14,6 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 from benchmarks import resnet
 from torch import nn
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's ScoreCAM draws a progress bar per call
 
 
 @dataclass(frozen=True)
