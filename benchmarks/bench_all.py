@@ -1,0 +1,441 @@
+"""Issue 7's benchmark: every method and Score metric, in-process and through gRPC, against the peers.
+
+    PYTHONPATH=service:clients/python:. .venv-peers/bin/python -m benchmarks.bench_all \\
+        --models shapes,resnet18,resnet50 --batch 1,8 [--quick] [--profile] [--out benchmarks/RESULTS.md]
+
+Run with `.venv-peers/bin/python` (`make peers` builds it) for every peer column; with `.venv/bin/python` only
+Captum's rows appear. ResNet-18 and ResNet-50 (random weights, `benchmarks/resnet.py`) are exported with the
+project's exporter into a temporary model repository next to the embedded `shapes`, and loaded by the
+ModelRepository the server uses. The unit of every ratio is the onnxruntime forward pass of the same model
+and batch, measured in the same run ("x fwd"). Peers run on the same nn.Module, inputs and targets.
+
+What is timed:
+- Explain: `Engine.explain` on uint8 H x W x 3 images, as the servicer calls it (decode, the prediction
+  forward pass, the method, resizing); "method only" is the method's `attribute` on the normalised batch
+  with targets given, which is what a peer gets. ours/peer uses "method only" where it was measured.
+- Each figure is a median over --repeats runs after one warm-up run; a run that takes longer than --slow
+  seconds is timed once (its first run is the sample). With --quick, such a method is not repeated at the
+  larger batches, and ResNet-50's Score-CAM and Ablation-CAM (2048 forward passes per image) are skipped.
+- Memory: the peak rise of the process's resident set (/proc/self/statm, sampled every 2 ms by a thread)
+  over its value just before the method's first run, after returning freed heap to the OS (malloc_trim).
+  It covers torch, onnxruntime and numpy alike; memory an allocator kept from earlier calls is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import os
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from benchmarks import peers as peer_library
+from benchmarks import resnet
+from benchmarks.measure import measure, measure_alternating
+from benchmarks.report import Report, Row, render
+
+from saliency_service.api.server import SaliencyServer
+from saliency_service.config import EMBEDDED_REPOSITORY, Settings
+from saliency_service.core.engine import Engine, ExplainJob
+from saliency_service.core.errors import SaliencyError
+from saliency_service.core.images import ImageLimits
+from saliency_service.core.methods import METHODS, MethodInput
+from saliency_service.core.metrics import METRICS, MetricInput
+from saliency_service.core.models.export import export_model
+from saliency_service.core.models.model import LoadedModel, RuntimeOptions
+from saliency_service.core.models.repository import ModelRepository
+from saliency_service.core.params import resolve_params
+from saliency_service.core.types import RawTensor
+from saliency_service.shapes.generator import HELDOUT_SEED_OFFSET, generate_batch
+
+RESNETS = ("resnet18", "resnet50")
+MODELS = ("shapes", *RESNETS)
+LAYER = "layer4"
+# ResNet-50's layer4 has 2048 channels: one forward pass per channel and image.
+PER_CHANNEL = ("score_cam", "ablation_cam")
+# The Score metrics issue 7 sets a target for; the others take masks, a method or a foil and are not timed here yet.
+SCORED_METRICS = ("deletion", "insertion")
+
+
+# ---- the model repository ----
+
+
+def build_repository(root: Path, models: Sequence[str]) -> dict[str, torch.nn.Module]:
+    """`shapes` copied from the embedded repository, the ResNets exported (or reused when `root` has them)."""
+    modules: dict[str, torch.nn.Module] = {}
+    for name in models:
+        if name == "shapes":
+            if not (root / name).is_dir():
+                shutil.copytree(EMBEDDED_REPOSITORY / name, root / name)
+            continue
+        modules[name] = resnet.build(name)
+        if (root / name / "config.json").is_file():
+            continue
+        print(f"exporting {name} into {root} ...", file=sys.stderr, flush=True)
+        export_model(
+            modules[name],
+            torch.zeros(1, 3, resnet.IMAGE_SIZE, resnet.IMAGE_SIZE),
+            root,
+            name,
+            labels=[f"class_{i}" for i in range(resnet.CLASSES)],
+            layers=[LAYER],
+            mean=resnet.MEAN,
+            std=resnet.STD,
+            description=f"{name} with seeded random weights (benchmarks/resnet.py)",
+            overwrite=True,
+        )
+    return modules
+
+
+def images_for(name: str, model: LoadedModel, batch: int) -> list[np.ndarray]:
+    """uint8 H x W x 3 images: held-out generated shapes, or seeded noise at the model's size."""
+    if name == "shapes":
+        images, _, _ = generate_batch([HELDOUT_SEED_OFFSET + 900_000 + i for i in range(batch)])
+        return [np.asarray(image, dtype=np.uint8) for image in images]
+    spec = model.config.input
+    rng = np.random.default_rng(batch)
+    return [rng.integers(0, 256, (spec.height, spec.width, 3), dtype=np.uint8) for _ in range(batch)]
+
+
+def raw(image: np.ndarray) -> RawTensor:
+    return RawTensor("uint8", tuple(image.shape), image.tobytes())
+
+
+def normalised(model: LoadedModel, images: Sequence[np.ndarray]) -> np.ndarray:
+    spec = model.config.input
+    x = np.stack(images).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+# ---- the plan: which parameters per model ----
+
+
+def method_params(name: str, size: int, quick: bool) -> tuple[dict[str, dict[str, object]], dict[str, str]]:
+    """Parameters per method for this model (defaults unless reduced), and a note per reduced or skipped method."""
+    params: dict[str, dict[str, object]] = {method: {} for method in METHODS.names()}
+    notes: dict[str, str] = {}
+    params["integrated_gradients"] = {"steps": 50}
+    if size >= 224:
+        masks = 200 if quick else 1000
+        params["rise"] = {"masks": masks}
+        notes["rise"] = f"{masks} masks (default 6000)"
+        if quick and name == "resnet50":
+            params["occlusion"] = {"window": 32, "stride": 32}
+            notes["occlusion"] = "32px window, stride 32 (default 15/8)"
+    if quick and name == "resnet50":
+        for method in PER_CHANNEL:
+            notes[method] = "skipped with --quick: 2048 forward passes per image"
+    return params, notes
+
+
+def _fmt_params(params: dict[str, object]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+# ---- the in-process part ----
+
+
+def bench_model(
+    name: str,
+    model: LoadedModel,
+    module: torch.nn.Module | None,
+    engine: Engine,
+    batches: Sequence[int],
+    args: argparse.Namespace,
+    report: Report,
+) -> None:
+    size = model.config.input.height
+    params, notes = method_params(name, size, args.quick)
+    too_slow: dict[str, str] = {}
+    for batch in batches:
+        print(f"{name} batch {batch} ...", file=sys.stderr, flush=True)
+        images = images_for(name, model, batch)
+        x = normalised(model, images)
+        forward = measure(lambda x=x: model.logits(x), max(args.repeats, 5), args.slow).median
+        report.forward[(name, batch)] = forward
+        targets = model.logits(x).argmax(axis=1).astype(np.int64)
+        if module is not None:
+            # The peers get the exported module itself: check the served artifacts compute the same logits.
+            with torch.no_grad():
+                eager = module(torch.from_numpy(x)).numpy()
+            difference = float(np.abs(eager - model.logits(x)).max())
+            if difference > 1e-3 * max(1.0, float(np.abs(eager).max())):
+                raise SystemExit(f"{name}: the module and the repository's artifacts differ by {difference:.3g}; delete the repository")
+        peers = []
+        if module is not None:
+            peers = peer_library.peers(module, torch.from_numpy(x), torch.from_numpy(targets), params, args.max_batch)
+        for method_name in METHODS.names():
+            method = METHODS.get(method_name)
+            if method_name in notes and "skipped" in notes[method_name]:
+                report.rows.append(Row(name, batch, method_name, "", note=notes[method_name]))
+                continue
+            if method_name in too_slow:
+                report.rows.append(Row(name, batch, method_name, "", note=too_slow[method_name]))
+                continue
+            job = ExplainJob(name, [raw(image) for image in images], method_name, params[method_name])
+            row = Row(name, batch, method_name, _fmt_params(params[method_name]), note=notes.get(method_name, ""))
+            try:
+                row.explain = measure(lambda job=job: engine.explain(job), args.repeats, args.slow)
+            except SaliencyError as exc:
+                row.note = f"not run: {exc.message[:80]}"
+                report.rows.append(row)
+                continue
+            mine = [p for p in peers if p.method == method_name]
+            peer_times = []
+            if row.explain.median < 1.0:
+                resolved = resolve_params(method.params, params[method_name], method_name)
+                layer = model.config.default_layer if method.uses_layer else None
+                request = MethodInput(model, x, targets, resolved, layer, 0, layers=(layer,) if layer else ())
+                row.method_only, *peer_times = measure_alternating(
+                    [lambda method=method, request=request: method().attribute(request), *(p.run for p in mine)], args.repeats, args.slow
+                )
+            else:
+                peer_times = [measure(peer.run, args.repeats, args.slow) for peer in mine]
+            report.rows.append(row)
+            for peer, timing in zip(mine, peer_times, strict=True):
+                report.rows.append(Row(name, batch, method_name, "", peer=peer.name, peer_time=timing))
+                if method_name == "integrated_gradients":
+                    report.completeness.append(
+                        (name, batch, _completeness(model, x, targets, row.explain.result), _completeness(model, x, targets, timing.result))
+                    )
+            if method_name == "integrated_gradients" and not any(p.method == method_name for p in peers):
+                report.completeness.append((name, batch, _completeness(model, x, targets, row.explain.result), None))
+            if args.quick and row.explain.samples == 1:
+                too_slow[method_name] = f"not repeated at larger batches with --quick ({row.explain.median:.1f} s at batch {batch})"
+        for metric_name in SCORED_METRICS:
+            report.scores.append(_bench_metric(model, metric_name, x, targets, forward, args))
+
+
+def _completeness(model: LoadedModel, x: np.ndarray, targets: np.ndarray, result: Any) -> float:
+    """max over items of |sum(attribution) - (f(x) - f(0))| / |f(x) - f(0)|, f the target logit (zero baseline)."""
+    if isinstance(result, torch.Tensor):
+        sums = result.detach().double().reshape(len(x), -1).sum(dim=1).numpy()
+    else:
+        sums = np.asarray([float(np.asarray(e.saliency, dtype=np.float64).sum()) for e in result])
+    rows = np.arange(len(x))
+    gap = model.logits(x)[rows, targets].astype(np.float64) - model.logits(np.zeros_like(x))[rows, targets]
+    return float(np.max(np.abs(sums - gap) / np.maximum(np.abs(gap), 1e-12)))
+
+
+def _bench_metric(
+    model: LoadedModel, metric_name: str, x: np.ndarray, targets: np.ndarray, forward: float, args: argparse.Namespace
+) -> tuple[str, int, str, int, float, float]:
+    """Deletion/insertion with one image row of pixels per step (224 steps on 224 px), against its forward passes."""
+    spec = model.config.input
+    metric = METRICS.get(metric_name)
+    resolved = resolve_params(metric.params, {"step": spec.width}, metric_name)
+    saliency = np.random.default_rng(0).random((len(x), spec.height, spec.width)).astype(np.float32)
+    request = MetricInput(model, x, saliency, targets, resolved, 0)
+    timing = measure(lambda: metric().score(request), args.repeats, args.slow)
+    steps = spec.height * spec.width // spec.width
+    images = len(x) * (steps + 1)
+    # The floor: onnxruntime on that many images, in batches as large as the metric's.
+    chunk = min(images, args.max_batch)
+    probe = np.random.default_rng(1).standard_normal((chunk, 3, spec.height, spec.width)).astype(np.float32)
+    floor = measure(lambda: model.logits(probe), args.repeats, args.slow).median * images / chunk
+    return (model.name, len(x), metric_name, steps, timing.median, floor)
+
+
+# ---- through gRPC ----
+
+
+@contextmanager
+def running_server(root: Path, args: argparse.Namespace) -> Iterator[SaliencyServer]:
+    """The real server on 127.0.0.1, port 0, on its own thread and event loop (as tests/api/conftest.py runs it)."""
+    settings = Settings(
+        model_repository=root,
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        workers=2,
+        onnx_threads=args.threads,
+        onnx_max_batch=args.max_batch,
+        prefer_cuda=False,
+        log_level="WARNING",
+    )
+    server = SaliencyServer(settings)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(server.start())
+        except BaseException as exc:
+            failure.append(exc)
+            started.set()
+            return
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, name="bench-server", daemon=True)
+    thread.start()
+    started.wait(timeout=600)
+    if failure:
+        raise failure[0]
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(timeout=60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+
+
+def bench_grpc(
+    address: str, engine: Engine, models: dict[str, LoadedModel], batches: Sequence[int], args: argparse.Namespace, report: Report
+) -> None:
+    from saliency_client import SaliencyClient
+
+    with SaliencyClient(address, timeout=600) as client:
+        for name, model in models.items():
+            if model.config.input.height < 224:
+                continue
+            for batch in batches:
+                print(f"gRPC {name} batch {batch} ...", file=sys.stderr, flush=True)
+                images = images_for(name, model, batch)
+                job = ExplainJob(name, [raw(image) for image in images], "grad_cam")
+                engine.explain(job)
+                client.explain(name, images, method="grad_cam")
+                local, remote = [], []
+                # Alternate the two so that load from other processes falls on both alike.
+                for _ in range(max(10, 4 * args.repeats)):
+                    start = time.perf_counter()
+                    engine.explain(job)
+                    local.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    client.explain(name, images, method="grad_cam")
+                    remote.append(time.perf_counter() - start)
+                report.grpc.append((name, batch, statistics.median(local), statistics.median(remote)))
+        for name, model in models.items():
+            print(f"concurrency {name} ...", file=sys.stderr, flush=True)
+            image = images_for(name, model, 1)
+            single = 40 if name == "shapes" else 12
+            report.concurrency.append((name, _throughput(address, name, image, 1, single), _throughput(address, name, image, 8, single)))
+
+
+def _throughput(address: str, model: str, image: list[np.ndarray], clients: int, total: int) -> float:
+    """Requests per second when `clients` threads, each with its own channel, send `total` Explain grad_cam calls in all."""
+    from saliency_client import SaliencyClient
+
+    per_client = max(1, total // clients) if clients > 1 else total
+    channels = [SaliencyClient(address, timeout=600) for _ in range(clients)]
+    try:
+        for channel in channels:
+            channel.explain(model, image, method="grad_cam")
+        barrier = threading.Barrier(clients + 1)
+
+        def work(channel: Any) -> None:
+            barrier.wait()
+            for _ in range(per_client):
+                channel.explain(model, image, method="grad_cam")
+
+        threads = [threading.Thread(target=work, args=(channel,)) for channel in channels]
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        return clients * per_client / (time.perf_counter() - start)
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+# ---- profile ----
+
+
+def profile(engine: Engine, model: LoadedModel, name: str) -> list[str]:
+    """cProfile (where Python time goes, onnxruntime's run included) and torch.profiler (which aten ops) per method."""
+    out = []
+    images = images_for(name, model, 1)
+    for method in ("grad_cam", "lrp"):
+        job = ExplainJob(name, [raw(image) for image in images], method)
+        engine.explain(job)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(3):
+            engine.explain(job)
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+        lines = [line for line in text.getvalue().splitlines() if line.strip()][-14:]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as torch_profile:
+            engine.explain(job)
+        ops = torch_profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+        out.append(
+            f"#### Profile: Explain {method} on {name}, batch 1 (3 calls, cProfile by own time)\n\n```\n"
+            + "\n".join(lines)
+            + f"\n```\n\ntorch.profiler, one call, top aten ops by self CPU time:\n\n```\n{ops}\n```\n"
+        )
+    return out
+
+
+# ---- the report ----
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, reduced perturbation methods, slow methods once")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5, 3 with --quick)")
+    parser.add_argument("--slow", type=float, default=2.0, help="a first run longer than this many seconds is the only sample")
+    parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
+    parser.add_argument("--max-batch", type=int, default=64, help="images per forward/backward pass (the server's onnx_max_batch)")
+    parser.add_argument("--repository", type=Path, default=None, help="keep the exported models here and reuse them (default: a temp dir)")
+    parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC and concurrency part")
+    parser.add_argument("--profile", action="store_true", help="profile Explain grad_cam and lrp on the largest model")
+    parser.add_argument("--out", type=Path, default=None, help="append the dated section to this markdown file")
+    args = parser.parse_args()
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    names = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    batches = [int(b) for b in args.batch.split(",")]
+    torch.set_num_threads(args.threads)
+    started, load_start = time.perf_counter(), os.getloadavg()[0]
+
+    with tempfile.TemporaryDirectory(prefix="bench-repository-") as temporary:
+        root = args.repository or Path(temporary)
+        root.mkdir(parents=True, exist_ok=True)
+        modules = build_repository(root, names)
+        repository = ModelRepository(root, RuntimeOptions(max_batch=args.max_batch, threads=args.threads, prefer_cuda=False))
+        repository.load_all()
+        engine = Engine(repository, ImageLimits(max_images=max(64, *batches)))
+        models = {name: repository.get(name) for name in names}
+        report = Report()
+        for name in names:
+            bench_model(name, models[name], modules.get(name), engine, batches, args, report)
+        if not args.no_grpc:
+            with running_server(root, args) as server:
+                bench_grpc(f"127.0.0.1:{server.port}", engine, models, batches, args, report)
+        if args.profile:
+            largest = max(names, key=lambda n: (models[n].config.input.height, n))
+            report.profiles = profile(engine, models[largest], largest)
+
+    text = render(report, args, (load_start, os.getloadavg()[0]), time.perf_counter() - started)
+    print(text)
+    if args.out:
+        with args.out.open("a") as out:
+            out.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

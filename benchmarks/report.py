@@ -1,0 +1,192 @@
+"""The benchmark's figures and the markdown section made from them, with issue 7's targets checked."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnxruntime
+import torch
+from benchmarks import peers as peer_library
+from benchmarks.measure import Timing
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    what: str
+    params: str
+    explain: Timing | None = None
+    method_only: Timing | None = None
+    peer: str = ""
+    peer_time: Timing | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    forward: dict[tuple[str, int], float] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    scores: list[tuple[str, int, str, int, float, float]] = field(default_factory=list)
+    """model, batch, metric, steps, seconds, floor seconds."""
+    completeness: list[tuple[str, int, float, float | None]] = field(default_factory=list)
+    grpc: list[tuple[str, int, float, float]] = field(default_factory=list)
+    """model, batch, in-process p50, gRPC p50 (grad_cam)."""
+    concurrency: list[tuple[str, float, float]] = field(default_factory=list)
+    profiles: list[str] = field(default_factory=list)
+
+
+def _ratio(value: float, unit: float) -> str:
+    return f"{value / unit:.2f}"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def render(report: Report, args: argparse.Namespace, load: tuple[float, float], elapsed: float) -> str:
+    peers = ", ".join(f"{name} {version}" for name, version in peer_library.versions().items()) or "none installed"
+    lines = [
+        f"### Issue 7 benchmark, {datetime.date.today().isoformat()}: every method, Score metric, gRPC and peers",
+        "",
+        f"Machine: {_cpu_name()}, {os.cpu_count()} cores, {args.threads} threads for torch and onnxruntime; "
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}; peers: {peers}. "
+        f"Load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end (other processes were running); "
+        f"{elapsed / 60:.0f} minutes in all.",
+        "",
+        "```",
+        "PYTHONPATH=service:clients/python:. " + shlex.join([Path(sys.executable).name, "-m", "benchmarks.bench_all", *sys.argv[1:]]),
+        "```",
+        "",
+        "Ratios to the onnxruntime forward pass of the same model and batch (x fwd). Explain: the in-process use case on uint8 "
+        "images (decode, prediction, method, resize); method only: `attribute` on the normalised batch with targets given. "
+        "ours/peer: our method-only time (Explain where that was not measured) over the peer's, on the same nn.Module, inputs "
+        "and targets. Peak MB: the process's resident-set rise during the first call.",
+        "",
+        "| model | batch | method | params | Explain x fwd | method only x fwd | peak MB | peer | peer x fwd | ours/peer | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ours: dict[tuple[str, int, str], float] = {}
+    for (model, batch), forward in report.forward.items():
+        lines.append(f"| {model} | {batch} | onnxruntime forward | {forward * 1000:.1f} ms | 1.00 | | | | | | |")
+        for row in (r for r in report.rows if r.model == model and r.batch == batch):
+            if row.peer_time is not None:
+                mine = ours.get((model, batch, row.what))
+                versus = f"**{mine / row.peer_time.median:.2f}**" if mine else ""
+                lines.append(
+                    f"| {model} | {batch} | {row.what} | | | | {row.peer_time.peak_mb:.0f} | {row.peer} | "
+                    f"{_ratio(row.peer_time.median, forward)} | {versus} | |"
+                )
+                continue
+            if row.explain is None:
+                lines.append(f"| {model} | {batch} | {row.what} | {row.params} | | | | | | | {row.note} |")
+                continue
+            only = row.method_only
+            ours[(model, batch, row.what)] = (only or row.explain).median
+            note = row.note + ("; one run" if row.explain.samples == 1 else "")
+            lines.append(
+                f"| {model} | {batch} | {row.what} | {row.params} | {_ratio(row.explain.median, forward)} | "
+                f"{_ratio(only.median, forward) if only else ''} | {row.explain.peak_mb:.0f} | | | | {note.strip('; ')} |"
+            )
+    lines += [
+        "",
+        "Score metrics: one pixel row per step (224 steps on 224 px, 128 on `shapes`), a random map; the floor is onnxruntime "
+        f"on the same number of images in batches of {args.max_batch}.",
+        "",
+        "| model | batch | metric | steps | seconds | x its forward passes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, batch, metric, steps, seconds, floor in report.scores:
+        lines.append(f"| {model} | {batch} | {metric} | {steps} | {seconds:.2f} | {seconds / floor:.2f} |")
+    if report.completeness:
+        lines += ["", "Integrated Gradients, 50 steps, zero baseline: completeness error, max over the batch of "
+                  "abs(sum(attribution) - (f(x) - f(0))) / abs(f(x) - f(0)), f the target logit.", "",
+                  "| model | batch | ours | Captum |", "|---|---|---|---|"]
+        for model, batch, mine, theirs in report.completeness:
+            lines.append(f"| {model} | {batch} | {mine:.2e} | {'' if theirs is None else f'{theirs:.2e}'} |")
+    if report.grpc:
+        lines += ["", "Explain grad_cam through gRPC (the real server and client, in this process, uint8 images) against the "
+                  "same Explain in-process, alternated; p50 over the calls.", "",
+                  "| model | batch | in-process p50 ms | gRPC p50 ms | gRPC overhead | gRPC x fwd |", "|---|---|---|---|---|---|"]
+        for model, batch, local, remote in report.grpc:
+            lines.append(
+                f"| {model} | {batch} | {local * 1000:.1f} | {remote * 1000:.1f} | {100 * (remote / local - 1):+.1f}% | "
+                f"{_ratio(remote, report.forward[(model, batch)])} |"
+            )
+    if report.concurrency:
+        lines += ["", "Throughput of Explain grad_cam, one image per request, server with 2 workers: 8 concurrent clients "
+                  "against 1; the forward pass's images per second at each batch size for comparison.", "",
+                  "| model | 1 client req/s | 8 clients req/s | ratio | onnxruntime images/s by batch |", "|---|---|---|---|---|"]
+        for model, one, eight in report.concurrency:
+            curve = ", ".join(f"{b}: {b / f:.0f}" for (m, b), f in sorted(report.forward.items()) if m == model)
+            lines.append(f"| {model} | {one:.1f} | {eight:.1f} | {eight / one:.2f} | {curve} |")
+    lines += ["", "Reading it, against issue 7's targets (generated from the figures above):", ""]
+    lines += [f"- {line}" for line in targets(report, ours)]
+    for text in report.profiles:
+        lines += ["", text]
+    return "\n".join(lines) + "\n"
+
+
+def targets(report: Report, ours: dict[tuple[str, int, str], float]) -> list[str]:
+    out = []
+
+    def verdict(value: float, limit: float, lower_is_better: bool = True) -> str:
+        met = value <= limit if lower_is_better else value >= limit
+        return "met" if met else f"**not met** by {value / limit:.2f}x" if lower_is_better else f"**not met** ({value / limit:.2f} of it)"
+
+    explain = {(r.model, r.batch, r.what): r.explain.median for r in report.rows if r.explain is not None}
+    for (model, batch), forward in sorted(report.forward.items()):
+        if model == "resnet50" and (model, batch, "grad_cam") in explain:
+            ratio = explain[(model, batch, "grad_cam")] / forward
+            out.append(f"grad_cam ResNet-50 batch {batch} in-process: {ratio:.2f}x fwd (target 1.3x): {verdict(ratio, 1.3)}")
+    for model, batch, _, remote in report.grpc:
+        if model == "resnet50":
+            ratio = remote / report.forward[(model, batch)]
+            out.append(f"grad_cam ResNet-50 batch {batch} through gRPC: {ratio:.2f}x fwd (target 1.5x): {verdict(ratio, 1.5)}")
+    peer_rows = [r for r in report.rows if r.peer_time is not None and (r.model, r.batch, r.what) in ours]
+    limits = {"integrated_gradients": ("Captum", 0.7), "score_cam": ("pytorch-grad-cam", 0.5), "lrp": ("Zennit", 0.5)}
+    for row in peer_rows:
+        assert row.peer_time is not None
+        ratio = ours[(row.model, row.batch, row.what)] / row.peer_time.median
+        library, limit = limits.get(row.what, ("", 1.0))
+        if library and library.lower() in row.peer.lower():
+            extra = ""
+            if row.what == "integrated_gradients":
+                errors = [(m, t) for mo, b, m, t in report.completeness if (mo, b) == (row.model, row.batch)]
+                if errors and errors[0][1] is not None:
+                    mine, theirs = errors[0]
+                    which = "equal or smaller" if mine <= theirs else "larger"
+                    extra = f"; completeness error {mine:.1e} vs Captum's {theirs:.1e} ({which})"
+            head = f"{row.what} {row.model} batch {row.batch}: {ratio:.2f}x {row.peer}"
+            out.append(f"{head} (target {limit}x): {verdict(ratio, limit)}{extra}")
+        else:
+            out.append(f"{row.what} {row.model} batch {row.batch}: {ratio:.2f}x {row.peer} (ahead of the peer: {verdict(ratio, 1.0)})")
+    for model, batch, metric, steps, seconds, floor in report.scores:
+        if steps >= 224:
+            ratio = seconds / floor
+            head = f"{metric} {model} batch {batch}, {steps} steps: {ratio:.2f}x its forward passes"
+            out.append(f"{head} (target 1.2x): {verdict(ratio, 1.2)}")
+    for model, batch, local, remote in report.grpc:
+        overhead = remote / local - 1
+        head = f"gRPC overhead {model} batch {batch} (224x224): {100 * overhead:+.1f}% at p50"
+        out.append(f"{head} (target 10%): {verdict(max(overhead, 0), 0.10)}")
+    for model, one, eight in report.concurrency:
+        ratio = eight / one
+        if model == "shapes":
+            out.append(f"8 clients vs 1 on shapes: {ratio:.2f}x the throughput (target 2x): {verdict(ratio, 2.0, lower_is_better=False)}")
+        else:
+            out.append(f"8 clients vs 1 on {model}: {ratio:.2f}x the throughput (figure to write down; no target)")
+    return out
