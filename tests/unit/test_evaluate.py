@@ -23,11 +23,13 @@ class FakeScorer:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, bool]] = []
+        self.supplied: list[tuple[str, str, bool]] = []
+        self.explained: list[tuple[str, int]] = []
 
     def catalog(self) -> Catalog:
         return Catalog(
             methods={"a": frozenset({"steps"}), "rise": frozenset({"masks"}), "b": frozenset()},
-            metrics={"up": True, "down": False, "mask_metric": True, "foil_metric": True},
+            metrics={"up": True, "down": False, "mask_metric": True, "foil_metric": True, "method_metric": False},
             labels={"shapes": LABELS},
         )
 
@@ -43,8 +45,14 @@ class FakeScorer:
         masks: np.ndarray | None,
         seed: int,
         progress: ProgressFn,
+        saliency: np.ndarray | None = None,
     ) -> list[float]:
         self.calls.append((method, metric, masks is not None))
+        self.supplied.append((method, metric, saliency is not None))
+        if metric == "method_metric" and saliency is not None:
+            raise CannotRun("METHOD_REQUIRED_FOR_METRIC", "send the method")
+        if saliency is not None:
+            assert saliency.shape == (len(images), *images.shape[1:3])
         if metric == "foil_metric":
             raise CannotRun("FOIL_REQUIRED", "send a foil")
         if metric == "mask_metric" and masks is None:
@@ -55,6 +63,7 @@ class FakeScorer:
         return [float(i) + (10.0 if metric == "up" else 0.0) + len(method_params) for i in range(len(images))]
 
     def explain(self, model: str, images: np.ndarray, method: str, *, method_params: Mapping[str, Any], seed: int) -> list[np.ndarray]:
+        self.explained.append((method, len(images)))
         return [np.ones(images.shape[1:3], np.float32) for _ in images]
 
 
@@ -69,14 +78,14 @@ def test_fake_evaluation_writes_tables_and_lists_skipped(tmp_path: Path) -> None
     scorer = FakeScorer()
     result = evaluate(scorer, Plan(n=5, batch=2, aggatt="up"), tmp_path, log=open(tmp_path / "log", "w"))
     rows = _read(tmp_path / "table.csv")
-    assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in ("a", "b", "rise") for k in ("down", "mask_metric", "up")}
+    assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in ("a", "b", "rise") for k in ("down", "mask_metric", "method_metric", "up")}
     for row in rows:
         assert float(row["ci_low"]) <= float(row["mean"]) <= float(row["ci_high"]) and row["n"] == "5"
     # rise gets the light default (masks=256): one parameter shifts its values (0, 1 | 0, 1 | 0 by batch) by 1.
     assert next(float(r["mean"]) for r in rows if r["method"] == "rise" and r["metric"] == "down") == pytest.approx(1.4)
     assert {(s.method, s.metric) for s in result.skipped} == {("a", "foil_metric"), ("b", "foil_metric"), ("rise", "foil_metric")}
     text = (tmp_path / "table.md").read_text()
-    assert "| method | down ↓ | mask_metric ↑ | up ↑ |" in text and "FOIL_REQUIRED: send a foil" in text
+    assert "| method | down ↓ | mask_metric ↑ | method_metric ↓ | up ↑ |" in text and "FOIL_REQUIRED: send a foil" in text
     assert "rise {masks=256}" in text and "bootstrap percentile" in text
     assert (tmp_path / "table.png").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.glob("aggatt_*.png")) == ["aggatt_a.png", "aggatt_b.png", "aggatt_rise.png"]
@@ -140,3 +149,17 @@ def test_cli_evaluate_unknown_id_is_a_clear_error(tmp_path: Path, capsys: pytest
     err = capsys.readouterr().err
     assert "unknown method nope; available:" in err and "grad_cam" in err
     assert not (tmp_path / "table.csv").exists()
+
+
+def test_maps_are_made_once_per_method_and_batch_and_sent_to_metrics_that_only_read_them(tmp_path: Path) -> None:
+    scorer = FakeScorer()
+    evaluate(scorer, Plan(n=4, batch=2, methods="a,b", metrics="up,down,method_metric"), tmp_path, log=open(tmp_path / "log", "w"))
+    # Two batches per method, each explained once, whatever the number of metrics.
+    assert scorer.explained == [("a", 2), ("a", 2), ("b", 2), ("b", 2)]
+    final = {(method, metric): supplied for method, metric, supplied in scorer.supplied}
+    assert final[("a", "up")] and final[("b", "down")], "metrics that read the map get the cached maps"
+    assert not final[("a", "method_metric")] and not final[("b", "method_metric")], "a metric that re-explains gets the method"
+    # The refusal is remembered: after its first call (refused, then refused again for the masks it takes
+    # none of), method_metric never gets maps again: 3 calls for the first batch, 1 for each of the other 3.
+    sent = [supplied for method, metric, supplied in scorer.supplied if metric == "method_metric"]
+    assert sent == [True, False, False, False, False, False]

@@ -45,14 +45,16 @@ class EngineScorer:
         masks: np.ndarray | None,
         seed: int,
         progress: ProgressFn,
+        saliency: np.ndarray | None = None,
     ) -> list[float]:
         job = ScoreJob(
             model=model,
             images=[_raw(image) for image in images],
             metric=metric,
             metric_params=metric_params,
-            method=method,
-            method_params=method_params,
+            method="" if saliency is not None else method,
+            method_params={} if saliency is not None else method_params,
+            saliency=[] if saliency is None else [_raw(m.astype(np.float32)) for m in saliency],
             seed=seed,
             masks=[] if masks is None else [_raw(mask.astype(np.uint8)) for mask in masks],
         )
@@ -63,4 +65,7 @@ class EngineScorer:
 
     def explain(self, model: str, images: np.ndarray, method: str, *, method_params: Mapping[str, Any], seed: int) -> list[np.ndarray]:
         job = ExplainJob(model=model, images=[_raw(image) for image in images], method=method, params=method_params, seed=seed)
-        return [explanation.saliency for explanation in self.engine.explain(job)]
+        try:
+            return [explanation.saliency for explanation in self.engine.explain(job)]
+        except (InvalidArgument, FailedPrecondition) as error:
+            raise CannotRun(error.reason, error.message) from None

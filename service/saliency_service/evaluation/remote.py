@@ -41,6 +41,7 @@ class ClientScorer:
         masks: np.ndarray | None,
         seed: int,
         progress: ProgressFn,
+        saliency: np.ndarray | None = None,
     ) -> list[float]:
         def forward(event: Progress) -> None:
             progress(event.stage, event.done, event.total)
@@ -52,7 +53,8 @@ class ClientScorer:
                 method,
                 metric,
                 params=metric_params,
-                method_params=method_params,
+                method_params=None if saliency is not None else method_params,
+                saliency=None if saliency is None else [m.astype(np.float32) for m in saliency],
                 masks=None if masks is None else [mask.astype(np.uint8) for mask in masks],
                 seed=seed,
                 progress=forward,
@@ -64,4 +66,9 @@ class ClientScorer:
         return [result.value for result in results]
 
     def explain(self, model: str, images: np.ndarray, method: str, *, method_params: Mapping[str, Any], seed: int) -> list[np.ndarray]:
-        return [e.saliency for e in self.client.explain(model, list(images), method, params=method_params, seed=seed)]
+        try:
+            return [e.saliency for e in self.client.explain(model, list(images), method, params=method_params, seed=seed)]
+        except SaliencyError as error:
+            if error.code in _REFUSED:
+                raise CannotRun(error.reason, error.message) from None
+            raise

@@ -39,6 +39,9 @@ LIGHT: Mapping[str, Mapping[str, Any]] = {
 }
 """Default parameters for the costly methods (applied only where the method declares the parameter)."""
 
+METHOD_REQUIRED = "METHOD_REQUIRED_FOR_METRIC"
+"""The server's reason when a metric must re-run the method: the evaluation then sends the method, not its maps."""
+
 MASKS_NOT_USED = "MASKS_NOT_USED"
 """The server's reason when masks are sent to a metric that takes none: the metric is retried without them."""
 
@@ -68,8 +71,12 @@ class Scorer(Protocol):
         masks: np.ndarray | None,
         seed: int,
         progress: ProgressFn,
+        saliency: np.ndarray | None = None,
     ) -> list[float]:
-        """One value per image; raises CannotRun for a request the server refuses as invalid or unservable."""
+        """One value per image; raises CannotRun for a request the server refuses as invalid or unservable.
+
+        With `saliency` (one map per image, already made by `method`) the maps are scored as supplied
+        maps and `method` is not run again."""
         ...
 
     def explain(self, model: str, images: np.ndarray, method: str, *, method_params: Mapping[str, Any], seed: int) -> list[np.ndarray]:
@@ -188,10 +195,14 @@ def evaluate(scorer: Scorer, plan: Plan, out_dir: Path, *, log: TextIO | None = 
     skipped: list[Skipped] = []
     aggatt_files: list[Path] = []
     takes_masks: dict[str, bool] = {}
+    takes_maps: dict[str, bool] = {}
     total = len(methods) * len(metrics)
     started = time.perf_counter()
     for m_index, method in enumerate(methods):
         params = method_params(plan, method, catalog.methods[method])
+        # Each batch's maps are made once per method and scored as supplied maps by every metric that
+        # only reads them; metrics that re-run the method get the method instead.
+        cache = _MapCache(scorer, plan, method, params, data.images)
         for k_index, metric in enumerate(metrics):
             step = m_index * len(metrics) + k_index + 1
             tick = time.perf_counter()
@@ -201,8 +212,19 @@ def evaluate(scorer: Scorer, plan: Plan, out_dir: Path, *, log: TextIO | None = 
                 images = data.images[first : first + plan.batch]
                 masks = None if data.masks is None else data.masks[first : first + plan.batch]
                 try:
+                    supplied = cache.maps(first) if takes_maps.get(metric, True) else None
                     values += _score_batch(
-                        scorer, plan, method, metric, params, images, masks, takes_masks, progress.update if progress else _quiet
+                        scorer,
+                        plan,
+                        method,
+                        metric,
+                        params,
+                        images,
+                        masks,
+                        takes_masks,
+                        progress.update if progress else _quiet,
+                        supplied,
+                        takes_maps,
                     )
                 except CannotRun as refused:
                     if first > 0:
@@ -262,6 +284,24 @@ def json_like(params: Mapping[str, Any]) -> str:
     return "{" + ", ".join(f"{key}={value}" for key, value in sorted(params.items())) + "}"
 
 
+class _MapCache:
+    """One method's maps per batch of the dataset, made on first use (None where Explain refuses)."""
+
+    def __init__(self, scorer: Scorer, plan: Plan, method: str, params: Mapping[str, Any], images: np.ndarray) -> None:
+        self.scorer, self.plan, self.method, self.params, self.images = scorer, plan, method, params, images
+        self._maps: dict[int, np.ndarray | None] = {}
+
+    def maps(self, first: int) -> np.ndarray | None:
+        if first not in self._maps:
+            batch = self.images[first : first + self.plan.batch]
+            try:
+                made = self.scorer.explain(self.plan.model, batch, self.method, method_params=self.params, seed=self.plan.seed)
+                self._maps[first] = np.stack(made)
+            except CannotRun:
+                self._maps[first] = None
+        return self._maps[first]
+
+
 def _score_batch(
     scorer: Scorer,
     plan: Plan,
@@ -272,17 +312,29 @@ def _score_batch(
     masks: np.ndarray | None,
     takes_masks: dict[str, bool],
     progress: ProgressFn,
+    supplied: np.ndarray | None = None,
+    takes_maps: dict[str, bool] | None = None,
 ) -> list[float]:
-    """Score one batch; masks go to a metric until the server says it takes none (remembered per metric)."""
-    send = masks if takes_masks.get(metric, True) else None
-    kwargs: dict[str, Any] = dict(method_params=params, metric_params=plan.metric_params.get(metric, {}), seed=plan.seed, progress=progress)
-    try:
-        return scorer.score(plan.model, images, method, metric, masks=send, **kwargs)
-    except CannotRun as refused:
-        if refused.reason != MASKS_NOT_USED or send is None:
-            raise
-    takes_masks[metric] = False
-    return scorer.score(plan.model, images, method, metric, masks=None, **kwargs)
+    """Score one batch. Masks go to a metric until the server says it takes none, and the method's maps
+    (`supplied`) until it says it must re-run the method; both are remembered per metric."""
+    takes_maps = {} if takes_maps is None else takes_maps
+    while True:
+        send = masks if takes_masks.get(metric, True) else None
+        maps = supplied if takes_maps.get(metric, True) else None
+        kwargs: dict[str, Any] = dict(
+            method_params=params, metric_params=plan.metric_params.get(metric, {}), seed=plan.seed, progress=progress
+        )
+        if maps is not None:
+            kwargs["saliency"] = maps
+        try:
+            return scorer.score(plan.model, images, method, metric, masks=send, **kwargs)
+        except CannotRun as refused:
+            if refused.reason == MASKS_NOT_USED and send is not None:
+                takes_masks[metric] = False
+            elif refused.reason == METHOD_REQUIRED and maps is not None:
+                takes_maps[metric] = False
+            else:
+                raise
 
 
 def _quiet(stage: str, done: int, total: int) -> None:
