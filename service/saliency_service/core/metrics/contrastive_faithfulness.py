@@ -14,6 +14,8 @@ The group-granularity scores (PGS, CGC, CGS) are in `rfxg_groups`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -25,6 +27,27 @@ from saliency_service.core.metrics.map_inputs import check_saliency
 from saliency_service.core.params import ParamSpec
 
 ALPHAS = np.round(np.arange(1, 10) / 10, 1)
+
+
+def top_removed(request: MetricInput, substrate_kind: str) -> Callable[[np.ndarray], np.ndarray]:
+    """make(rows) -> the masked images of RFxG's curve: row r is item r // 9 with its top floor(alpha * H * W)
+    pixels (alpha = ALPHAS[r % 9]) set to the substrate ("zero", or "blur": the 11x11 sigma=5 blur)."""
+    x = np.ascontiguousarray(request.x, dtype=np.float32)
+    batch, channels, height, width = x.shape
+    pixels = height * width
+    substrate = gaussian_blur(torch.from_numpy(x)).numpy() if substrate_kind == "blur" else np.zeros_like(x)
+    ranks = pixel_ranks(request.saliency)
+    counts = np.floor(ALPHAS * pixels).astype(np.int64)
+    points = len(ALPHAS)
+    flat, substrate_flat = x.reshape(batch, channels, pixels), substrate.reshape(batch, channels, pixels)
+
+    def make(rows: np.ndarray) -> np.ndarray:
+        item, point = rows // points, rows % points
+        removed = ranks[item] < counts[point][:, None]
+        images: np.ndarray = np.where(removed[:, None, :], substrate_flat[item], flat[item]).reshape(len(rows), channels, height, width)
+        return images
+
+    return make
 
 
 @METRICS.register("contrastive_faithfulness")
@@ -50,21 +73,10 @@ class ContrastiveFaithfulness(ScoreMetric):
         check_saliency(request, self.name)
         foils = require_foils(request, self.name)
         x = np.ascontiguousarray(request.x, dtype=np.float32)
-        batch, channels, height, width = x.shape
-        pixels = height * width
-        substrate = gaussian_blur(torch.from_numpy(x)).numpy() if request.params["substrate"] == "blur" else np.zeros_like(x)
-        ranks = pixel_ranks(request.saliency)
-        counts = np.floor(ALPHAS * pixels).astype(np.int64)
+        batch = len(x)
         targets = np.asarray(request.targets, dtype=np.int64)
         points = len(ALPHAS)
-        flat, substrate_flat = x.reshape(batch, channels, pixels), substrate.reshape(batch, channels, pixels)
-
-        def make(rows: np.ndarray) -> np.ndarray:
-            item, point = rows // points, rows % points
-            removed = ranks[item] < counts[point][:, None]
-            images: np.ndarray = np.where(removed[:, None, :], substrate_flat[item], flat[item]).reshape(len(rows), channels, height, width)
-            return images
-
+        make = top_removed(request, str(request.params["substrate"]))
         rows = batch * points
         contrasts = score_images(request, rows, make, np.repeat(targets, points), "probability", foils=np.repeat(foils, points))
         curves = contrasts.reshape(batch, points)

@@ -23,13 +23,11 @@ from __future__ import annotations
 from abc import abstractmethod
 
 import numpy as np
-import torch
 
 from saliency_service.core.errors import FailedPrecondition, InvalidArgument
-from saliency_service.core.images import gaussian_blur
 from saliency_service.core.metrics.base import METRICS, MetricInput, MetricValue, ScoreMetric
-from saliency_service.core.metrics.contrastive_faithfulness import ALPHAS
-from saliency_service.core.metrics.deletion_insertion import SUBSTRATES, pixel_ranks
+from saliency_service.core.metrics.contrastive_faithfulness import ALPHAS, top_removed
+from saliency_service.core.metrics.deletion_insertion import SUBSTRATES
 from saliency_service.core.metrics.inputs import require_foils, softmax, softmax_of_images
 from saliency_service.core.metrics.map_inputs import check_saliency
 from saliency_service.core.params import ParamSpec
@@ -87,20 +85,8 @@ class _GroupMetric(ScoreMetric):
         if self.needs_foil:
             foil_groups = list(group_members(request, require_foils(request, self.name), self.name, "foil"))
         x = np.ascontiguousarray(request.x, dtype=np.float32)
-        batch, channels, height, width = x.shape
-        pixels = height * width
-        substrate = gaussian_blur(torch.from_numpy(x)).numpy() if request.params["substrate"] == "blur" else np.zeros_like(x)
-        ranks = pixel_ranks(request.saliency)
-        counts = np.floor(ALPHAS * pixels).astype(np.int64)
-        points = len(ALPHAS)
-        flat, substrate_flat = x.reshape(batch, channels, pixels), substrate.reshape(batch, channels, pixels)
-
-        def make(rows: np.ndarray) -> np.ndarray:
-            item, point = rows // points, rows % points
-            removed = ranks[item] < counts[point][:, None]
-            images: np.ndarray = np.where(removed[:, None, :], substrate_flat[item], flat[item]).reshape(len(rows), channels, height, width)
-            return images
-
+        batch, points = len(x), len(ALPHAS)
+        make = top_removed(request, str(request.params["substrate"]))
         masked = softmax_of_images(request, batch * points, make).reshape(batch, points, -1)
         clean = softmax(request.model.logits(x))
         values = []
