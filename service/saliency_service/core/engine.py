@@ -166,6 +166,8 @@ class _Maps:
     params: Mapping[str, ParamValue]
     layers: tuple[str, ...]
     per_layer: Mapping[str, np.ndarray] = field(default_factory=dict)
+    made_by: tuple[_Resolved, np.ndarray | None] | None = None
+    """The resolved method and the baselines that made the maps; None for supplied maps."""
 
 
 @dataclass(frozen=True)
@@ -216,9 +218,8 @@ class Engine:
         batch, made = self._maps_for(model, job.images, job.saliency, call, timer, foil_with_maps=metric_cls.needs_foil)
         masks = self._masks(model, job.masks, len(job.images)) if job.masks else None
         explain = None
-        if job.method:
-            resolved = self._resolve_method(model, call)
-            baseline = self._baselines(model, call.baselines, len(job.images))
+        if made.made_by is not None:
+            resolved, baseline = made.made_by
             served = model
 
             def explain(x: np.ndarray, targets: np.ndarray, model: LoadedModel | None = None) -> np.ndarray:
@@ -275,7 +276,7 @@ class Engine:
                 "send `method` (and its parameters) instead of `saliency`",
                 {"metric": name},
             )
-        if metric_cls.needs_foil and (job.foil is None or (job.foil.class_index is None and not job.foil.label)):
+        if metric_cls.needs_foil and not _names_class(job.foil):
             raise InvalidArgument(
                 "FOIL_REQUIRED",
                 f"metric '{name}' measures a contrast 'why the target, not the foil': name a `foil` class "
@@ -465,7 +466,7 @@ class Engine:
             model.config.layer(layer)
         if len(set(layers)) != len(layers):
             raise InvalidArgument("DUPLICATE_LAYER", f"`layers` names a layer twice: {', '.join(layers)}", {"layers": ",".join(layers)})
-        if call.foil is not None and (call.foil.class_index is not None or call.foil.label) and not method.contrastive:
+        if _names_class(call.foil) and not method.contrastive:
             raise InvalidArgument(
                 "FOIL_NOT_SUPPORTED",
                 f"method '{call.method}' is class-agnostic, so a foil (contrast class) has no meaning for it; drop `foil`",
@@ -506,7 +507,7 @@ class Engine:
         predicted = probabilities.argmax(axis=1)
         targets = self._targets(model, target, predicted)
         foil_index = None
-        if foil is not None and (foil.class_index is not None or foil.label):
+        if _names_class(foil):
             foil_index = int(self._targets(model, foil, predicted, "foil")[0])
             same = np.flatnonzero(targets == foil_index)
             if len(same):
@@ -541,7 +542,7 @@ class Engine:
 
     @staticmethod
     def _targets(model: LoadedModel, target: TargetRequest | None, predicted: np.ndarray, role: str = "target") -> np.ndarray:
-        if target is None or (target.class_index is None and not target.label):
+        if target is None or not _names_class(target):
             return predicted.astype(np.int64)
         if target.label:
             index = model.config.class_index(target.label)
@@ -569,9 +570,9 @@ class Engine:
 
         with timer.stage("attribute"):
             if method.multi_layer or len(layers) <= 1:
-                return _Maps(run(layers[0] if layers else None, layers), method.name, resolved.params, layers)
+                return _Maps(run(layers[0] if layers else None, layers), method.name, resolved.params, layers, {}, (resolved, baseline))
             per_layer = {layer: run(layer, (layer,)) for layer in layers}
-        return _Maps(combine_layers(list(per_layer.values())), method.name, resolved.params, layers, per_layer)
+        return _Maps(combine_layers(list(per_layer.values())), method.name, resolved.params, layers, per_layer, (resolved, baseline))
 
     def _maps_for(
         self,
@@ -590,7 +591,7 @@ class Engine:
         if saliency:
             if call.method or call.params or call.layer or call.layers or call.baselines:
                 raise InvalidArgument("AMBIGUOUS_SALIENCY", "send either saliency maps or a method to compute them, not both")
-            if not foil_with_maps and call.foil is not None and (call.foil.class_index is not None or call.foil.label):
+            if not foil_with_maps and _names_class(call.foil):
                 raise InvalidArgument("FOIL_WITHOUT_METHOD", "a foil shapes how a method makes its maps; with supplied maps, drop `foil`")
             if len(saliency) != len(images):
                 raise InvalidArgument(
@@ -620,6 +621,11 @@ class Engine:
             foil=batch.foil,
             foil_label="" if batch.foil is None else model.config.labels[batch.foil],
         )
+
+
+def _names_class(target: TargetRequest | None) -> bool:
+    """Whether a target or foil of the request names a class (an index or a label)."""
+    return target is not None and (target.class_index is not None or bool(target.label))
 
 
 def combine_layers(maps: Sequence[np.ndarray]) -> np.ndarray:
