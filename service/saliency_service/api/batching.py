@@ -125,16 +125,12 @@ class ExplainBatcher:
         merged = replace(members[0].job, images=[image for m in members for image in m.job.images])
         try:
             maps = await self.pool.run(RPC, lambda: self.engine.explain(merged), None, len(merged.images), requests=len(members))
-        except ResourceExhausted as error:
-            if error.reason != "SERVER_BUSY":
+        except SaliencyError as error:
+            if isinstance(error, ResourceExhausted) and error.reason == "SERVER_BUSY":
+                for member in members:
+                    _settle(member, error=error)
+            else:  # which request caused it is unknown: each runs on its own and gets its own answer
                 await asyncio.gather(*(self._alone(m) for m in members))
-                return
-            for member in members:
-                _settle(member, error=error)
-            return
-        except SaliencyError:
-            # Which request caused it is unknown: each runs on its own and gets its own answer.
-            await asyncio.gather(*(self._alone(m) for m in members))
             return
         except asyncio.CancelledError:
             for member in members:

@@ -193,11 +193,11 @@ class LoadedModel:
         a layer that has a head (only the rest of the network after it, see `TorchRunner.head`), torch runs
         only that head, forward and backward: no second pass through the trunk.
         """
-        spec = self.config.layer(layer)
-        head = self.program.head(spec.probe_index) if activation is not None and self.has_head(layer) else None
-        if head is None or activation is None or len(activation) != len(x):
+        if activation is None or len(activation) != len(x) or not self.has_head(layer):
             logits, activations, gradients = self.layers_gradient(x, weights, [layer])
             return logits, activations[layer], gradients[layer]
+        head = self.program.head(self.config.layer(layer).probe_index)
+        assert head is not None  # has_head said so
         logits_parts, grad_parts = [], []
         step = self.max_batch
         seen = torch.from_numpy(np.ascontiguousarray(activation, dtype=np.float32))
