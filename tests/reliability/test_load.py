@@ -5,6 +5,9 @@
 workers + max_queue >= 16, so every call must succeed. Its resident memory (VmRSS of the server process,
 /proc/<pid>/status) must grow by less than 10% between the end of the warm-up and the end of the run.
 Then, with the clients still sending, SIGTERM: calls in flight finish OK, later calls are refused, exit 0.
+Draining is tested on purpose, not by the luck of timing: one long ScoreStream (deletion, step 8: about 2,000
+forward passes) is started at the end of the load, and SIGTERM is sent only once its first progress event
+has arrived, so the server is surely working on it; it must still end with its response.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ DRAIN_MARGIN = 0.1
 """A call sent this long before SIGTERM is surely at the server: it must finish OK. One sent within the margin
 either side of the signal may be served or refused; one sent after it must be refused."""
 REFUSE_AFTER = 0.5
+LONG_STEP = 8
+"""The drain probe's deletion step: 128 x 128 / 8 = 2,048 perturbation passes, seconds of work on this server."""
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
 
@@ -163,6 +168,36 @@ def _client(index: int, address: str, record: Record, stop: threading.Event, giv
                 return
 
 
+@dataclass
+class Probe:
+    """The long ScoreStream that is mid-run when SIGTERM comes."""
+
+    running: threading.Event = field(default_factory=threading.Event)
+    outcome: Outcome | None = None
+    progress_events: int = 0
+    answered: bool = False
+
+
+def _long_score(address: str, probe: Probe) -> None:
+    image = generate(HELDOUT_SEED_OFFSET + 7100).image
+    request = pb.ScoreRequest(model="shapes", metric="deletion", method="grad_cam", images=[pb.Image(encoded=_png(image))])
+    request.metric_params.update({"step": LONG_STEP})
+    with grpc.insecure_channel(address) as channel:
+        started = time.monotonic()
+        try:
+            for event in pb_grpc.SaliencyServiceStub(channel).ScoreStream(request, timeout=CALL_TIMEOUT):
+                if event.HasField("progress"):
+                    probe.progress_events += 1
+                    probe.running.set()
+                else:
+                    probe.answered = len(event.response.results) == 1
+            code = "OK"
+        except grpc.RpcError as error:
+            code = error.code().name
+        probe.outcome = Outcome("ScoreStream", started, time.monotonic(), code)
+        probe.running.set()  # never leave the test waiting
+
+
 def test_sixteen_clients_then_sigterm_under_load(serve: ServeProcess) -> None:
     pid = serve.process.pid
     record = Record()
@@ -182,10 +217,18 @@ def test_sixteen_clients_then_sigterm_under_load(serve: ServeProcess) -> None:
     rss_end = rss_bytes(pid)
     load_end = time.monotonic()
 
-    # SIGTERM with the 16 clients still sending.
+    # SIGTERM with the 16 clients still sending and the long probe running at the server.
+    probe = Probe()
+    probe_thread = threading.Thread(target=_long_score, args=(serve.address, probe), daemon=True)
+    probe_thread.start()
+    assert probe.running.wait(timeout=CALL_TIMEOUT), "the long ScoreStream sent no progress event"
+    assert probe.outcome is None, f"the long ScoreStream ended before SIGTERM: {probe.outcome}"
+    # The signal's time is bracketed: the test's own threads hold the GIL in turns, so a single reading after
+    # send_signal may come late by several switch intervals.
+    signal_sent = time.monotonic()
     serve.process.send_signal(signal.SIGTERM)
     sigterm_at = time.monotonic()
-    for thread in threads:
+    for thread in [*threads, probe_thread]:
         thread.join(timeout=120)
     stop.set()
     exit_code = serve.process.wait(timeout=120)
@@ -194,9 +237,9 @@ def test_sixteen_clients_then_sigterm_under_load(serve: ServeProcess) -> None:
     loaded = [o for o in record.outcomes if o.ended <= load_end]
     after_warmup = [o for o in loaded if o.started >= began + WARMUP]
     failures = Counter(o.code for o in loaded if o.code != "OK")
-    in_flight = [o for o in record.outcomes if o.started < sigterm_at - DRAIN_MARGIN and o.ended > sigterm_at]
+    in_flight = [o for o in record.outcomes if o.started < signal_sent - DRAIN_MARGIN and o.ended > sigterm_at]
     late = [o for o in record.outcomes if o.started > sigterm_at + REFUSE_AFTER]
-    around = [o for o in record.outcomes if sigterm_at - DRAIN_MARGIN <= o.started <= sigterm_at + REFUSE_AFTER]
+    around = [o for o in record.outcomes if signal_sent - DRAIN_MARGIN <= o.started <= sigterm_at + REFUSE_AFTER]
     latencies = np.array([o.ended - o.started for o in after_warmup if o.code == "OK"]) * 1000
     per_rpc = {
         rpc: np.array([o.ended - o.started for o in after_warmup if o.rpc == rpc and o.code == "OK"]) * 1000
@@ -225,11 +268,18 @@ def test_sixteen_clients_then_sigterm_under_load(serve: ServeProcess) -> None:
         f"{dict(Counter(o.code for o in around))}, {len(late)} later calls {dict(Counter(o.code for o in late))}, "
         f"exit code {exit_code} after {drained_at - sigterm_at:.1f} s"
     )
+    long_call = probe.outcome
+    assert long_call is not None, "the long ScoreStream never ended"
+    SUMMARY.add(
+        f"  drain probe: ScoreStream deletion step {LONG_STEP}, {probe.progress_events} progress events, "
+        f"{signal_sent - long_call.started:.1f} s in at SIGTERM, ended {long_call.code} {long_call.ended - sigterm_at:.1f} s after it"
+    )
 
     assert not failures, f"failures under load: {failures}"
     assert set(per_rpc) == {o.rpc for o in after_warmup}, "every RPC of the mix ran"
     assert growth < RSS_GROWTH_LIMIT, f"RSS grew {100 * growth:.1f}% ({rss_warm} -> {rss_end} bytes)"
-    assert in_flight, "SIGTERM came when nothing was in flight; the test did not test draining"
+    assert long_call.code == "OK" and probe.answered, f"the call running at SIGTERM was not drained: {long_call}"
+    assert long_call.ended > sigterm_at, "the long ScoreStream ended before SIGTERM; the test did not test draining"
     assert all(o.code == "OK" for o in in_flight), Counter(o.code for o in in_flight)
     assert all(o.code == "UNAVAILABLE" for o in late), Counter(o.code for o in late)
     assert all(o.code in ("OK", "UNAVAILABLE") for o in around), Counter(o.code for o in around)
