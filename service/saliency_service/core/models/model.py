@@ -204,7 +204,7 @@ class LoadedModel:
         for start in range(0, len(seen), step):
             part = seen[start : start + step].clone().requires_grad_(True)
             with torch.enable_grad():
-                logits = head(part)
+                logits = self.program.run_head(head, part)
                 (grad,) = torch.autograd.grad((logits * weights[start : start + step]).sum(), part)
             self._observe(self.name, "backward", len(part))
             logits_parts.append(logits.detach())

@@ -4,6 +4,12 @@ The program's signature is `forward(x, probes) -> (logits, *activations)`: each 
 output has a zero probe added and is also returned. The gradient of an objective with respect to a
 probe is the gradient with respect to that layer's activation, and autograd walks only the head,
 so no hooks are installed at request time and concurrent requests share one module safely.
+
+Forward and backward passes run a copy of the program made for inference once at load (`inference_program`):
+each eval-mode BatchNorm folded into the convolution before it, and convolution weights and inputs in
+channels-last memory, the layout oneDNN's CPU kernels prefer. On ResNet-50 this halves the time of an input
+gradient against the program as exported. The program as exported stays for what needs its own layers (LRP's
+rules, parameter names for randomisation).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import copy
 import io
 import json
 import math
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +72,7 @@ class TorchRunner:
         for parameter in module.parameters():
             parameter.requires_grad_(False)
         self.module = module.to(device)
+        self.fast, self._channels_last = inference_program(self.module)
         self.device = device
         self.layer_shapes = [tuple(shape) for shape in layer_shapes]
         self._heads: dict[int, torch.fx.GraphModule | None] = {}
@@ -79,14 +87,22 @@ class TorchRunner:
         the nodes downstream of the probe's add that the logits need, with the add as the input.
         """
         if probe_index not in self._heads:
-            self._heads[probe_index] = _cut_head(self.module, probe_index)
+            self._heads[probe_index] = _cut_head(self.fast, probe_index)
         return self._heads[probe_index]
+
+    def run_head(self, head: torch.fx.GraphModule, activation: torch.Tensor) -> torch.Tensor:
+        """The logits from a layer's activation through `head`, in the memory layout the program runs in."""
+        return head(self.layout(activation))  # type: ignore[no-any-return]
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` in the memory layout the inference program runs in (channels-last for a 4-D input of a CNN)."""
+        return x.contiguous(memory_format=torch.channels_last) if self._channels_last and x.dim() == 4 else x
 
     def zero_probes(self, batch: int) -> list[torch.Tensor]:
         return [torch.zeros((batch, *shape), device=self.device) for shape in self.layer_shapes]
 
     def forward(self, x: torch.Tensor, probes: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        logits, *activations = self.module(x, tuple(probes))
+        logits, *activations = self.fast(self.layout(x), tuple(probes))
         return logits, list(activations)
 
     def parameter_layers(self) -> list[str]:
@@ -140,8 +156,90 @@ class TorchRunner:
                         buffer.fill_(1 if short == "running_var" else 0)
         runner = copy.copy(self)
         runner.module = module
+        runner.fast, runner._channels_last = inference_program(module)
         runner._heads = {}
         return runner
+
+
+_CONV2D = torch.ops.aten.conv2d.default
+_BATCH_NORM = torch.ops.aten.batch_norm.default
+
+
+def _attribute(module: torch.nn.Module, target: str) -> torch.Tensor:
+    value: object = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
+def inference_program(module: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    """A copy of the program for inference and gradients, and whether it runs channels-last (see the module docstring).
+
+    A BatchNorm is folded when it is eval-mode, the only user of a 2-D convolution, and its statistics and
+    the convolution's parameters are constants: BN(conv(x, W, b)) = conv(x, W * s, b * s + t) with
+    s = gamma / sqrt(var + eps), t = beta - mean * s, computed in float64. Gradients are the same function's;
+    values agree with the exported program to float32 rounding. Tensors not folded are shared, not copied.
+    A program with no 2-D convolution (or a module that is not a graph) is returned as it is.
+    """
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return module, False
+    with warnings.catch_warnings():  # copying torch.export's pytree codegen warns about a deprecated isinstance
+        warnings.simplefilter("ignore", FutureWarning)
+        fast = torch.fx.GraphModule(module, copy.deepcopy(graph))
+    graph = fast.graph
+    convs = [node for node in graph.nodes if node.op == "call_function" and node.target is _CONV2D]
+    if not convs:
+        return module, False
+
+    def constant(arg: object) -> torch.Tensor | None:
+        if arg is None:
+            return None
+        if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+            return _attribute(module, str(arg.target))
+        raise LookupError
+
+    for index, conv in enumerate(convs):
+        args = list(conv.args) + [None] * max(0, 3 - len(conv.args))
+        try:
+            weight, bias = constant(args[1]), constant(args[2])
+        except LookupError:
+            continue
+        assert weight is not None
+        with torch.no_grad():
+            weight, bias = weight.double(), None if bias is None else bias.double()
+            users = list(conv.users)
+            bn = users[0] if len(users) == 1 else None
+            folded = False
+            if bn is not None and bn.target is _BATCH_NORM and bn.args[0] is conv and not bn.args[5]:
+                try:
+                    gamma, beta, mean, var = (constant(arg) for arg in bn.args[1:5])
+                except LookupError:
+                    gamma = beta = mean = var = None
+                if mean is not None and var is not None:
+                    scale = torch.rsqrt(var.double() + float(bn.args[7]))  # type: ignore[arg-type]
+                    if gamma is not None:
+                        scale = scale * gamma.double()
+                    shift = -mean.double() * scale + (0.0 if beta is None else beta.double())
+                    weight = weight * scale.view(-1, 1, 1, 1)
+                    bias = shift if bias is None else bias * scale + shift
+                    folded = True
+            fast.register_buffer(f"_inference_{index}_weight", weight.float().contiguous(memory_format=torch.channels_last))
+            if bias is not None:
+                fast.register_buffer(f"_inference_{index}_bias", bias.float())
+        with graph.inserting_before(conv):
+            args[1] = graph.get_attr(f"_inference_{index}_weight")
+            args[2] = graph.get_attr(f"_inference_{index}_bias") if bias is not None else None
+        conv.args = tuple(args)
+        if folded:
+            assert bn is not None
+            bn.replace_all_uses_with(conv)
+            graph.erase_node(bn)
+    graph.eliminate_dead_code()
+    graph.lint()
+    fast.recompile()
+    return fast, True
 
 
 def _cut_head(module: torch.nn.Module, probe_index: int) -> torch.fx.GraphModule | None:
