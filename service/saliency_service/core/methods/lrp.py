@@ -66,13 +66,14 @@ def input_relevance(model: LoadedModel, x: torch.Tensor, weights: torch.Tensor, 
     The output is seeded with `weights` (the request's objective), times the logits when `times_logits`
     (LRP: the seed `onehot * y_c` makes the input relevance sum to the logit, METHODS.md §6 "Seeding").
     """
-    module = model.program.module
+    program = model.program
+    module = program.fast  # BatchNorms already folded into their convolutions, as the rules would fold them
     parts = []
     step = model.max_batch
     for start in range(0, len(x), step):
         xs = x[start : start + step].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            logits, _ = run_with_rules(module, rules, xs, model.program.zero_probes(len(xs)))
+            logits, _ = run_with_rules(module, rules, program.layout(xs), program.zero_probes(len(xs)))
             seed = weights[start : start + step].to(logits.dtype)
             if times_logits:
                 seed = seed * logits.detach()

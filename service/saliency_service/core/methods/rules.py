@@ -211,6 +211,9 @@ def linear_relevance(
         bias, output = None, None
     pos, neg = x.clamp(min=0), x.clamp(max=0)
     w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+    # After a ReLU the input has no negative part: the terms that read it are exactly zero, and skipping them
+    # halves the convolutions of z+, alpha-beta and gamma (Zennit computes them anyway).
+    signed = rule.kind in ("zplus", "alpha_beta", "gamma") and bool(neg.any())
 
     def out(inp: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return call(inp, w, b)
@@ -218,28 +221,37 @@ def linear_relevance(
     def back(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _vjp(call, x, w, v) if transpose is None else transpose(x, w, v)
 
+    def split(inp_w_pos: torch.Tensor, inp_w_neg: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """out(x+, inp_w_pos, b) + out(x-, inp_w_neg): the response of the two halves of the input."""
+        z = out(pos, inp_w_pos, b)
+        return z + out(neg, inp_w_neg, None) if signed else z
+
+    def spread(w_for_pos: torch.Tensor, w_for_neg: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x+ * back(w_for_pos, v) + x- * back(w_for_neg, v)."""
+        r = pos * back(w_for_pos, v)
+        return r + neg * back(w_for_neg, v) if signed else r
+
     if rule.kind == "epsilon":
         z = out(x, weight, bias) if output is None else output
         return x * back(weight, relevance / stabilize(z, eps))
     if rule.kind == "zplus":
-        z = out(pos, w_pos, _bias(bias, lambda b: b.clamp(min=0))) + out(neg, w_neg, None)
-        v = relevance / stabilize(z, eps)
-        return pos * back(w_pos, v) + neg * back(w_neg, v)
+        v = relevance / stabilize(split(w_pos, w_neg, _bias(bias, lambda b: b.clamp(min=0))), eps)
+        return spread(w_pos, w_neg, v)
     if rule.kind == "alpha_beta":
-        z_pos = out(pos, w_pos, _bias(bias, lambda b: b.clamp(min=0))) + out(neg, w_neg, None)
-        z_neg = out(pos, w_neg, _bias(bias, lambda b: b.clamp(max=0))) + out(neg, w_pos, None)
+        z_pos = split(w_pos, w_neg, _bias(bias, lambda b: b.clamp(min=0)))
+        z_neg = split(w_neg, w_pos, _bias(bias, lambda b: b.clamp(max=0)))
         v_pos, v_neg = relevance / stabilize(z_pos, eps), relevance / stabilize(z_neg, eps)
-        return rule.alpha * (pos * back(w_pos, v_pos) + neg * back(w_neg, v_pos)) - rule.beta * (
-            pos * back(w_neg, v_neg) + neg * back(w_pos, v_neg)
-        )
+        return rule.alpha * spread(w_pos, w_neg, v_pos) - rule.beta * spread(w_neg, w_pos, v_neg)
     if rule.kind == "gamma":
         g = rule.gamma
         w_up, w_down = weight + g * w_pos, weight + g * w_neg
         z = out(x, weight, bias) if output is None else output
-        z_up = out(pos, w_up, _bias(bias, lambda b: b + g * b.clamp(min=0))) + out(neg, w_down, None)
-        z_down = out(pos, w_down, _bias(bias, lambda b: b + g * b.clamp(max=0))) + out(neg, w_up, None)
+        z_up = split(w_up, w_down, _bias(bias, lambda b: b + g * b.clamp(min=0)))
+        z_down = split(w_down, w_up, _bias(bias, lambda b: b + g * b.clamp(max=0)))
         v_up = (z > 0).to(z.dtype) * relevance / stabilize(z_up, eps)
         v_down = (z < 0).to(z.dtype) * relevance / stabilize(z_down, eps)
+        if not signed:
+            return pos * (back(w_up, v_up) + back(w_down, v_down))
         return pos * (back(w_up, v_up) + back(w_down, v_down)) + neg * (back(w_down, v_up) + back(w_up, v_down))
     if rule.kind == "zbox":
         shape = (1, -1) + (1,) * (x.ndim - 2)
