@@ -49,7 +49,7 @@ from benchmarks.report import Report, Row, render
 
 from saliency_service.api.server import SaliencyServer
 from saliency_service.config import EMBEDDED_REPOSITORY, Settings
-from saliency_service.core.engine import Engine, ExplainJob
+from saliency_service.core.engine import Engine, ExplainJob, ScoreJob
 from saliency_service.core.errors import SaliencyError
 from saliency_service.core.images import ImageLimits
 from saliency_service.core.methods import METHODS, MethodInput
@@ -58,7 +58,7 @@ from saliency_service.core.models.export import export_model
 from saliency_service.core.models.model import LoadedModel, RuntimeOptions
 from saliency_service.core.models.repository import ModelRepository
 from saliency_service.core.params import resolve_params
-from saliency_service.core.types import RawTensor
+from saliency_service.core.types import RawTensor, TargetRequest
 from saliency_service.shapes.generator import HELDOUT_SEED_OFFSET, generate_batch
 
 RESNETS = ("resnet18", "resnet50")
@@ -66,7 +66,8 @@ MODELS = ("shapes", *RESNETS)
 LAYER = "layer4"
 # ResNet-50's layer4 has 2048 channels: one forward pass per channel and image.
 PER_CHANNEL = ("score_cam", "ablation_cam")
-# The Score metrics issue 7 sets a target for; the others take masks, a method or a foil and are not timed here yet.
+# The Score metrics issue 7 sets a target for (against their forward passes); every metric is also timed through
+# Engine.score by `bench_suite`.
 SCORED_METRICS = ("deletion", "insertion")
 
 
@@ -180,6 +181,8 @@ def bench_model(
         if module is not None:
             peers = peer_library.peers(module, torch.from_numpy(x), torch.from_numpy(targets), params, args.max_batch)
         for method_name in METHODS.names():
+            if args.methods != "all" and method_name not in args.methods.split(","):
+                continue
             method = METHODS.get(method_name)
             if method_name in notes and "skipped" in notes[method_name]:
                 report.rows.append(Row(name, batch, method_name, "", note=notes[method_name]))
@@ -197,15 +200,14 @@ def bench_model(
                 continue
             mine = [p for p in peers if p.method == method_name]
             peer_times = []
-            if row.explain.median < 1.0:
+            if row.explain.median < 1.0 or mine:
+                # What a peer is compared with: the method alone, alternating with the peers (one run each when slow).
                 resolved = resolve_params(method.params, params[method_name], method_name)
                 layer = model.config.default_layer if method.uses_layer else None
                 request = MethodInput(model, x, targets, resolved, layer, 0, layers=(layer,) if layer else ())
                 row.method_only, *peer_times = measure_alternating(
                     [lambda method=method, request=request: method().attribute(request), *(p.run for p in mine)], args.repeats, args.slow
                 )
-            else:
-                peer_times = [measure(peer.run, args.repeats, args.slow) for peer in mine]
             report.rows.append(row)
             for peer, timing in zip(mine, peer_times, strict=True):
                 report.rows.append(Row(name, batch, method_name, "", peer=peer.name, peer_time=timing))
@@ -219,6 +221,73 @@ def bench_model(
                 too_slow[method_name] = f"not repeated at larger batches with --quick ({row.explain.median:.1f} s at batch {batch})"
         for metric_name in SCORED_METRICS:
             report.scores.append(_bench_metric(model, metric_name, x, targets, forward, args))
+        if args.metrics != "none":
+            bench_suite(name, model, module, engine, images, x, targets, args, report)
+
+
+def bench_suite(
+    name: str,
+    model: LoadedModel,
+    module: torch.nn.Module | None,
+    engine: Engine,
+    images: Sequence[np.ndarray],
+    x: np.ndarray,
+    targets: np.ndarray,
+    args: argparse.Namespace,
+    report: Report,
+) -> None:
+    """Every Score metric through `Engine.score` at its defaults (as Score serves it), and Quantus where it has the metric.
+
+    The request supplies a seeded random map and, for localisation metrics, a centred box as the ground-truth mask;
+    metrics that re-explain name `grad_cam`, and contrastive ones name a foil. A
+    metric that does not apply to the model (the grid pointing game needs a grid model) is noted, not timed.
+    Targets are the predicted classes; the foil is the lowest class no image predicts.
+    """
+    spec = model.config.input
+    batch = len(images)
+    rng = np.random.default_rng(7)
+    maps = rng.random((batch, spec.height, spec.width)).astype(np.float32)
+    masks = np.zeros((batch, spec.height, spec.width), dtype=bool)
+    masks[:, spec.height // 4 : 3 * spec.height // 4, spec.width // 4 : 3 * spec.width // 4] = True
+    wanted = None if args.metrics == "all" else set(args.metrics.split(","))
+    foil = min(set(range(model.config.num_classes)) - {int(t) for t in targets})
+    metric_peers = peer_library.metric_peers(
+        module, torch.from_numpy(x), torch.from_numpy(targets), torch.from_numpy(maps), torch.from_numpy(masks), args.max_batch
+    )
+    for metric_name in METRICS.names():
+        if wanted is not None and metric_name not in wanted:
+            continue
+        cls = METRICS.get(metric_name)
+        job = ScoreJob(
+            name,
+            [raw(image) for image in images],
+            metric_name,
+            method="grad_cam" if cls.needs_method else "",
+            saliency=() if cls.needs_method else [RawTensor("float32", m.shape, m.tobytes()) for m in maps],
+            foil=TargetRequest(class_index=foil) if cls.needs_foil else None,
+            masks=[RawTensor("uint8", m.shape, m.astype(np.uint8).tobytes()) for m in masks] if cls.needs_masks else (),
+        )
+        try:
+            timing = measure(lambda job=job: engine.score(job), args.repeats, args.slow)
+        except SaliencyError as exc:
+            report.suite.append((name, batch, metric_name, None, None, f"not run: {exc.message[:90]}"))
+            continue
+        only = None
+        if not cls.needs_method:  # the metric alone, on the normalised batch, as a peer gets it
+            request = MetricInput(
+                model,
+                x,
+                maps,
+                targets,
+                resolve_params(cls.params, {}, metric_name),
+                0,
+                masks=masks if cls.needs_masks else None,
+                foils=np.full(batch, foil) if cls.needs_foil else None,
+            )
+            only = measure(lambda request=request, cls=cls: cls().score(request), args.repeats, args.slow)
+        report.suite.append((name, batch, metric_name, timing, only, ""))
+        for peer in (p for p in metric_peers if p.metric == metric_name):
+            report.suite.append((name, batch, metric_name, None, measure(peer.run, args.repeats, args.slow), peer.name))
 
 
 def _completeness(model: LoadedModel, x: np.ndarray, targets: np.ndarray, result: Any) -> float:
@@ -389,10 +458,13 @@ def profile(engine: Engine, model: LoadedModel, name: str) -> list[str]:
 
 # ---- the report ----
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--methods", default="all", help="'all' or comma-separated method ids (others are not run)")
+    parser.add_argument("--metrics", default="all", help="'all', 'none' or comma-separated Score metric ids for the Score table")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, reduced perturbation methods, slow methods once")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5, 3 with --quick)")
     parser.add_argument("--slow", type=float, default=2.0, help="a first run longer than this many seconds is the only sample")

@@ -142,3 +142,56 @@ def _zennit(net: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> list[Peer
         return relevance
 
     return [Peer("lrp", "Zennit EpsilonPlusFlat + ResNet canonizer, Gradient", run)]
+
+
+@dataclass(frozen=True)
+class MetricPeer:
+    metric: str
+    """Our metric id that this peer is compared with."""
+    name: str
+    run: Callable[[], object]
+
+
+def metric_peers(
+    net: nn.Module | None, x: torch.Tensor, targets: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor, batch_limit: int
+) -> list[MetricPeer]:
+    """Quantus 0.6.0's versions of our Score metrics, on the same inputs, maps and masks (empty without quantus).
+
+    Map-only metrics (pointing game, relevance mass and rank, sparseness, complexity) need no model. The model
+    metrics get the same nn.Module as the method peers and the same amount of work as ours: faithfulness
+    correlation with 100 runs of 224 pixels, and pixel flipping with one pixel row per step (our deletion with
+    `step` = the image width), each with Quantus' own "black" baseline; the comparison is of time, not of values
+    (tests/peers compares values). Without a module (the `shapes` model) only the map-only metrics run.
+    """
+    try:
+        import quantus
+    except ImportError:
+        return []
+    x_np, y_np = x.numpy(), targets.numpy()
+    a_np, s_np = maps[:, None].numpy(), masks[:, None].float().numpy()
+    quiet = {"disable_warnings": True, "display_progressbar": False}
+
+    def call(metric: object, model: nn.Module | None = None) -> Callable[[], object]:
+        def run() -> object:
+            return metric(model=model, x_batch=x_np, y_batch=y_np, a_batch=a_np, s_batch=s_np, device="cpu", batch_size=batch_limit)  # type: ignore[operator]
+
+        return run
+
+    found = [
+        MetricPeer("pointing_game", "Quantus PointingGame", call(quantus.PointingGame(**quiet))),
+        MetricPeer("relevance_mass", "Quantus RelevanceMassAccuracy", call(quantus.RelevanceMassAccuracy(**quiet))),
+        MetricPeer("relevance_rank", "Quantus RelevanceRankAccuracy", call(quantus.RelevanceRankAccuracy(**quiet))),
+        MetricPeer("sparseness", "Quantus Sparseness", call(quantus.Sparseness(**quiet))),
+        MetricPeer("complexity", "Quantus Complexity", call(quantus.Complexity(**quiet))),
+    ]
+    if net is not None:
+        width = x.shape[-1]
+        faithfulness = quantus.FaithfulnessCorrelation(
+            nr_runs=100, subset_size=224, perturb_baseline="black", normalise=False, abs=False, return_aggregate=False, **quiet
+        )
+        flipping = quantus.PixelFlipping(features_in_step=width, perturb_baseline="black", normalise=False, abs=False, **quiet)
+        found += [
+            MetricPeer("faithfulness_correlation", "Quantus FaithfulnessCorrelation (100 runs of 224 px)", call(faithfulness, net)),
+            MetricPeer("deletion", f"Quantus PixelFlipping ({width} px per step)", call(flipping, net)),
+        ]
+    return found

@@ -40,6 +40,8 @@ class Report:
     grpc: list[tuple[str, int, float, float]] = field(default_factory=list)
     """model, batch, in-process p50, gRPC p50 (grad_cam)."""
     concurrency: list[tuple[str, float, float]] = field(default_factory=list)
+    suite: list[tuple[str, int, str, Timing | None, Timing | None, str]] = field(default_factory=list)
+    """model, batch, metric, Score time, metric-only time (both None: not run), and the peer's name or why it did not run."""
     profiles: list[str] = field(default_factory=list)
 
 
@@ -111,25 +113,68 @@ def render(report: Report, args: argparse.Namespace, load: tuple[float, float], 
     ]
     for model, batch, metric, steps, seconds, floor in report.scores:
         lines.append(f"| {model} | {batch} | {metric} | {steps} | {seconds:.2f} | {seconds / floor:.2f} |")
+    if report.suite:
+        lines += [
+            "",
+            "Every Score metric at its defaults on a supplied seeded random map (a centred box as the mask; `grad_cam` for the "
+            "metrics that re-explain), and Quantus on the same inputs where it has the metric. Score: the whole request "
+            "through `Engine.score` (decoding, the prediction pass, checks); metric only: the metric on the normalised batch, "
+            "as a peer gets it; ours/peer compares the metric only.",
+            "",
+            "| model | batch | metric | who | Score x fwd | metric only x fwd | seconds | ours/peer |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        mine: dict[tuple[str, int, str], float] = {}
+        for model, batch, metric, score, only, who in report.suite:
+            forward = report.forward[(model, batch)]
+            if score is None and only is None:
+                lines.append(f"| {model} | {batch} | {metric} | ours | | | | {who} |")
+            elif not who:
+                assert score is not None
+                if only is not None:
+                    mine[(model, batch, metric)] = only.median
+                only_ratio = _ratio(only.median, forward) if only is not None else ""
+                seconds = (only or score).median
+                lines.append(f"| {model} | {batch} | {metric} | ours | {_ratio(score.median, forward)} | {only_ratio} | {seconds:.3f} | |")
+            else:
+                assert only is not None
+                ours_time = mine.get((model, batch, metric))
+                versus = f"**{ours_time / only.median:.2f}**" if ours_time is not None else ""
+                lines.append(f"| {model} | {batch} | {metric} | {who} | | {_ratio(only.median, forward)} | {only.median:.3f} | {versus} |")
     if report.completeness:
-        lines += ["", "Integrated Gradients, 50 steps, zero baseline: completeness error, max over the batch of "
-                  "abs(sum(attribution) - (f(x) - f(0))) / abs(f(x) - f(0)), f the target logit.", "",
-                  "| model | batch | ours | Captum |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Integrated Gradients, 50 steps, zero baseline: completeness error, max over the batch of "
+            "abs(sum(attribution) - (f(x) - f(0))) / abs(f(x) - f(0)), f the target logit.",
+            "",
+            "| model | batch | ours | Captum |",
+            "|---|---|---|---|",
+        ]
         for model, batch, mine, theirs in report.completeness:
             lines.append(f"| {model} | {batch} | {mine:.2e} | {'' if theirs is None else f'{theirs:.2e}'} |")
     if report.grpc:
-        lines += ["", "Explain grad_cam through gRPC (the real server and client, in this process, uint8 images) against the "
-                  "same Explain in-process, alternated; p50 over the calls.", "",
-                  "| model | batch | in-process p50 ms | gRPC p50 ms | gRPC overhead | gRPC x fwd |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Explain grad_cam through gRPC (the real server and client, in this process, uint8 images) against the "
+            "same Explain in-process, alternated; p50 over the calls.",
+            "",
+            "| model | batch | in-process p50 ms | gRPC p50 ms | gRPC overhead | gRPC x fwd |",
+            "|---|---|---|---|---|---|",
+        ]
         for model, batch, local, remote in report.grpc:
             lines.append(
                 f"| {model} | {batch} | {local * 1000:.1f} | {remote * 1000:.1f} | {100 * (remote / local - 1):+.1f}% | "
                 f"{_ratio(remote, report.forward[(model, batch)])} |"
             )
     if report.concurrency:
-        lines += ["", "Throughput of Explain grad_cam, one image per request, server with 2 workers: 8 concurrent clients "
-                  "against 1; the forward pass's images per second at each batch size for comparison.", "",
-                  "| model | 1 client req/s | 8 clients req/s | ratio | onnxruntime images/s by batch |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Throughput of Explain grad_cam, one image per request, server with 2 workers: 8 concurrent clients "
+            "against 1; the forward pass's images per second at each batch size for comparison.",
+            "",
+            "| model | 1 client req/s | 8 clients req/s | ratio | onnxruntime images/s by batch |",
+            "|---|---|---|---|---|",
+        ]
         for model, one, eight in report.concurrency:
             curve = ", ".join(f"{b}: {b / f:.0f}" for (m, b), f in sorted(report.forward.items()) if m == model)
             lines.append(f"| {model} | {one:.1f} | {eight:.1f} | {eight / one:.2f} | {curve} |")

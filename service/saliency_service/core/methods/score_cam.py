@@ -83,7 +83,6 @@ class ScoreCam(SaliencyMethod):
         activations = torch.from_numpy(request.activation(layer))
         batch, channels = activations.shape[:2]
         spec = model.config.input
-        masks = score_masks(activations, spec.height, spec.width).float()
         x = torch.from_numpy(x_np)
         probability = request.params["score"] == "probability"
 
@@ -93,15 +92,19 @@ class ScoreCam(SaliencyMethod):
                 logits = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
             return request.objective_of(logits, items)
 
-        # A constant channel's mask is all zero, so its masked input is the zero image, the same for
-        # every such channel of an item: one pass per item scores them all (ReLU layers have many).
-        live = masks.amax(dim=(2, 3)) > 0
+        # A constant channel's mask is all zero (bilinear upsampling keeps a channel constant or not), so its
+        # masked input is the zero image, the same for every such channel of an item: one pass per item scores
+        # them all (ReLU layers have many). The other channels' masks are made one chunk at a time, so memory
+        # holds max_batch masks, not B x K.
+        flat = activations.flatten(2)
+        live = flat.amax(dim=2) > flat.amin(dim=2)
         scores = np.empty(batch * channels, dtype=np.float64)
         rows = torch.nonzero(live.flatten()).flatten()
         for start, end in _chunks(len(rows), model.max_batch):
             index = rows[start:end]
             items, kept = index // channels, index % channels
-            scores[index.numpy()] = score((x[items] * masks[items, kept][:, None]).numpy(), items.numpy())
+            masks = score_masks(activations[items, kept][:, None], spec.height, spec.width).float()
+            scores[index.numpy()] = score((x[items] * masks).numpy(), items.numpy())
         dead_items = torch.nonzero((~live).any(dim=1)).flatten().numpy()
         if len(dead_items):
             blank = score(np.zeros((len(dead_items), *x_np.shape[1:]), dtype=np.float32), dead_items)
