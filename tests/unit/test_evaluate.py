@@ -78,7 +78,8 @@ def test_fake_evaluation_writes_tables_and_lists_skipped(tmp_path: Path) -> None
     scorer = FakeScorer()
     result = evaluate(scorer, Plan(n=5, batch=2, aggatt="up"), tmp_path, log=open(tmp_path / "log", "w"))
     rows = _read(tmp_path / "table.csv")
-    assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in ("a", "b", "rise") for k in ("down", "mask_metric", "method_metric", "up")}
+    metrics = ("down", "mask_metric", "method_metric", "up")
+    assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in ("a", "b", "rise") for k in metrics}
     for row in rows:
         assert float(row["ci_low"]) <= float(row["mean"]) <= float(row["ci_high"]) and row["n"] == "5"
     # rise gets the light default (masks=256): one parameter shifts its values (0, 1 | 0, 1 | 0 by batch) by 1.
