@@ -241,7 +241,7 @@ def bench_suite(
     The request supplies a seeded random map and, for localisation metrics, a centred box as the ground-truth mask;
     metrics that re-explain name `grad_cam`, and contrastive ones name a foil. A
     metric that does not apply to the model (the grid pointing game needs a grid model) is noted, not timed.
-    Targets are the predicted classes; the foil is the lowest class no image predicts.
+    Targets are the predicted classes; the foil is the lowest class no image predicts (see below where there is none).
     """
     spec = model.config.input
     batch = len(images)
@@ -250,7 +250,10 @@ def bench_suite(
     masks = np.zeros((batch, spec.height, spec.width), dtype=bool)
     masks[:, spec.height // 4 : 3 * spec.height // 4, spec.width // 4 : 3 * spec.width // 4] = True
     wanted = None if args.metrics == "all" else set(args.metrics.split(","))
-    foil = min(set(range(model.config.num_classes)) - {int(t) for t in targets})
+    # The foil must differ from every item's target: the lowest class no image predicts, or where every class is
+    # predicted by some image (shapes, batch 8), contrastive metrics explain class 0 against class 1 for all.
+    free = set(range(model.config.num_classes)) - {int(t) for t in targets}
+    foil, foil_target = (min(free), None) if free else (1, 0)
     metric_peers = peer_library.metric_peers(
         module, torch.from_numpy(x), torch.from_numpy(targets), torch.from_numpy(maps), torch.from_numpy(masks), args.max_batch
     )
@@ -264,6 +267,7 @@ def bench_suite(
             metric_name,
             method="grad_cam" if cls.needs_method else "",
             saliency=() if cls.needs_method else [RawTensor("float32", m.shape, m.tobytes()) for m in maps],
+            target=TargetRequest(class_index=foil_target) if cls.needs_foil and foil_target is not None else None,
             foil=TargetRequest(class_index=foil) if cls.needs_foil else None,
             masks=[RawTensor("uint8", m.shape, m.astype(np.uint8).tobytes()) for m in masks] if cls.needs_masks else (),
         )
@@ -278,7 +282,7 @@ def bench_suite(
                 model,
                 x,
                 maps,
-                targets,
+                np.full(batch, foil_target) if cls.needs_foil and foil_target is not None else targets,
                 resolve_params(cls.params, {}, metric_name),
                 0,
                 masks=masks if cls.needs_masks else None,
