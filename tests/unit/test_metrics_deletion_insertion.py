@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from saliency_service.core.errors import InvalidArgument
-from saliency_service.core.metrics import METRICS, MetricInput, MetricValue
-from saliency_service.core.metrics.deletion_insertion import pixel_ranks, trapezoid_auc
+from saliency_service.core.metrics import METRICS, MetricInput, MetricValue, deletion_insertion
+from saliency_service.core.metrics.deletion_insertion import perturbation_curves, pixel_ranks, trapezoid_auc
 from saliency_service.core.models.model import LoadedModel
 from saliency_service.core.params import resolve_params
 
@@ -96,6 +96,34 @@ def test_batch_equals_per_item_and_is_one_forward_pass(tiny_cnn) -> None:
             np.testing.assert_allclose(alone.curve, batched[item].curve, rtol=1e-5, atol=1e-6)
             assert alone.value == pytest.approx(batched[item].value, abs=1e-6)
             assert 0.0 <= alone.value <= 1.0
+
+
+@pytest.mark.parametrize("chunk_images", [1, 3, 7, 100])
+def test_curve_images_are_the_same_whatever_the_chunking(chunk_images: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks that split an item's run of curve images (or hold several items) see the images of the definition."""
+    rng = np.random.default_rng(9)
+    batch, channels, height, width, step = 3, 2, 4, 5, 3
+    start = rng.standard_normal((batch, channels, height, width)).astype(np.float32)
+    end = rng.standard_normal((batch, channels, height, width)).astype(np.float32)
+    saliency = rng.random((batch, height, width)).astype(np.float32)
+    seen: list[np.ndarray] = []
+
+    def record(images: np.ndarray) -> np.ndarray:
+        seen.append(images.copy())
+        return np.zeros((len(images), 2), dtype=np.float32)
+
+    monkeypatch.setattr(deletion_insertion, "_CHUNK_BYTES", chunk_images * channels * height * width * 4)
+    perturbation_curves(record, start, end, saliency, np.zeros(batch, dtype=np.int64), step=step, score="logit")
+    images = np.concatenate(seen)
+    points = -(-height * width // step) + 1
+    assert len(images) == batch * points and all(len(chunk) <= chunk_images for chunk in seen)
+    for item in range(batch):
+        order = np.argsort(-saliency[item].ravel(), kind="stable")
+        for point in range(points):
+            expected = start[item].reshape(channels, -1).copy()
+            moved = order[: point * step]
+            expected[:, moved] = end[item].reshape(channels, -1)[:, moved]
+            np.testing.assert_array_equal(images[item * points + point], expected.reshape(channels, height, width))
 
 
 def test_ties_are_ranked_by_pixel_index() -> None:

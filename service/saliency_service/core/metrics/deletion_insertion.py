@@ -87,11 +87,18 @@ def perturbation_curves(
     rows_per_call = max(1, _CHUNK_BYTES // (channels * pixels * 4))
     curves = np.empty(rows, dtype=np.float64)
     for first in range(0, rows, rows_per_call):
-        index = np.arange(first, min(rows, first + rows_per_call))
+        last = min(rows, first + rows_per_call)
+        index = np.arange(first, last)
         item, point = index // (n + 1), index % (n + 1)
-        switched = ranks[item] < (point * step)[:, None]
-        images = np.where(switched[:, None, :], end_flat[item], start_flat[item])
-        logits = logits_fn(images.reshape(len(index), channels, height, width).astype(np.float32, copy=False))
+        images = np.empty((len(index), channels, pixels), dtype=np.float32)
+        # Each item's rows are a contiguous run of the chunk: its start image is broadcast over them, then its
+        # end image written where a row's pixels have switched, with no per-row copy of either image.
+        for b in range(int(item[0]), int(item[-1]) + 1):
+            run = slice(max(first, b * (n + 1)) - first, min(last, (b + 1) * (n + 1)) - first)
+            switched = ranks[b][None, :] < (point[run] * step)[:, None]
+            np.copyto(images[run], start_flat[b])
+            np.copyto(images[run], end_flat[b], where=switched[:, None, :])
+        logits = logits_fn(images.reshape(len(index), channels, height, width))
         curves[index] = target_scores(logits, targets[item], score)
         progress("perturbation passes", int(index[-1]) + 1, rows)
     return curves.reshape(batch, n + 1)
