@@ -98,9 +98,14 @@ def test_batch_equals_per_item_and_is_one_forward_pass(tiny_cnn) -> None:
             assert 0.0 <= alone.value <= 1.0
 
 
-@pytest.mark.parametrize("chunk_images", [1, 3, 7, 100])
-def test_curve_images_are_the_same_whatever_the_chunking(chunk_images: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks that split an item's run of curve images (or hold several items) see the images of the definition."""
+@pytest.mark.parametrize(
+    ("chunk_images", "max_batch", "sizes"), [(1, 1, {1}), (3, 1, {3}), (7, 1, {7, 3}), (7, 2, {6}), (7, 4, {4}), (100, 4, {24})]
+)
+def test_curve_images_are_the_same_whatever_the_chunking(
+    chunk_images: int, max_batch: int, sizes: set[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks that split an item's run of curve images (or hold several items) see the images of the definition;
+    a chunk holds a whole number of forward batches where it can (24 curve images in all here)."""
     rng = np.random.default_rng(9)
     batch, channels, height, width, step = 3, 2, 4, 5, 3
     start = rng.standard_normal((batch, channels, height, width)).astype(np.float32)
@@ -113,10 +118,10 @@ def test_curve_images_are_the_same_whatever_the_chunking(chunk_images: int, monk
         return np.zeros((len(images), 2), dtype=np.float32)
 
     monkeypatch.setattr(deletion_insertion, "_CHUNK_BYTES", chunk_images * channels * height * width * 4)
-    perturbation_curves(record, start, end, saliency, np.zeros(batch, dtype=np.int64), step=step, score="logit")
+    perturbation_curves(record, start, end, saliency, np.zeros(batch, dtype=np.int64), step=step, score="logit", max_batch=max_batch)
     images = np.concatenate(seen)
     points = -(-height * width // step) + 1
-    assert len(images) == batch * points and all(len(chunk) <= chunk_images for chunk in seen)
+    assert len(images) == batch * points and {len(chunk) for chunk in seen} == sizes
     for item in range(batch):
         order = np.argsort(-saliency[item].ravel(), kind="stable")
         for point in range(points):

@@ -70,11 +70,14 @@ def perturbation_curves(
     step: int,
     score: str,
     progress: ProgressFn = no_progress,
+    max_batch: int = 1,
 ) -> np.ndarray:
     """B x (n+1) target scores as pixels switch from `start` to `end` in saliency order, `step` at a time.
 
     Point i has the top min(i*step, H*W) pixels taken from `end`; n = ceil(H*W / step). Deletion is
-    start = x, end = substrate; insertion is start = substrate, end = x.
+    start = x, end = substrate; insertion is start = substrate, end = x. A chunk of curve images holds a
+    whole number of `max_batch` (the model's forward batch) where it can, so only the last forward pass is
+    a short one.
     """
     batch, channels, height, width = start.shape
     pixels = height * width
@@ -85,6 +88,8 @@ def perturbation_curves(
 
     rows = batch * (n + 1)
     rows_per_call = max(1, _CHUNK_BYTES // (channels * pixels * 4))
+    if rows_per_call >= max_batch:
+        rows_per_call -= rows_per_call % max_batch
     curves = np.empty(rows, dtype=np.float64)
     for first in range(0, rows, rows_per_call):
         last = min(rows, first + rows_per_call)
@@ -149,7 +154,15 @@ class _PerturbationMetric(ScoreMetric):
         targets = np.asarray(request.targets, dtype=np.int64)
         score = str(request.params["score"])
         curves = perturbation_curves(
-            request.model.logits, start, end, request.saliency, targets, step=step, score=score, progress=request.progress
+            request.model.logits,
+            start,
+            end,
+            request.saliency,
+            targets,
+            step=step,
+            score=score,
+            progress=request.progress,
+            max_batch=request.model.max_batch,
         )
         fractions = curve_fractions(x.shape[2] * x.shape[3], step)
         return [MetricValue(value=trapezoid_auc(curve), curve=curve, curve_x=fractions) for curve in curves]
