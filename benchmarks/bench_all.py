@@ -19,18 +19,21 @@ What is timed:
 - Memory: the peak rise of the process's resident set (/proc/self/statm, sampled every 2 ms by a thread)
   over its value just before the method's first run, after returning freed heap to the OS (malloc_trim).
   It covers torch, onnxruntime and numpy alike; memory an allocator kept from earlier calls is not counted.
+- gRPC: the real `saliency-service serve` in a process of its own (as deployed) on the same repository, called
+  by `SaliencyClient`; its time alternates with the same Explain in-process and with the forward pass.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import io
 import os
 import pstats
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,15 +43,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import torch
 from benchmarks import peers as peer_library
 from benchmarks import resnet
 from benchmarks.measure import measure, measure_alternating
 from benchmarks.report import Report, Row, render
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from saliency_service.api.server import SaliencyServer
-from saliency_service.config import EMBEDDED_REPOSITORY, Settings
+from saliency_service.config import EMBEDDED_REPOSITORY, ENV_PREFIX
 from saliency_service.core.engine import Engine, ExplainJob, ScoreJob
 from saliency_service.core.errors import SaliencyError
 from saliency_service.core.images import ImageLimits
@@ -220,6 +224,8 @@ def bench_model(
             if args.quick and row.explain.samples == 1:
                 too_slow[method_name] = f"not repeated at larger batches with --quick ({row.explain.median:.1f} s at batch {batch})"
         for metric_name in SCORED_METRICS:
+            if args.metrics != "all" and metric_name not in args.metrics.split(","):
+                continue
             report.scores.append(_bench_metric(model, metric_name, x, targets, forward, args))
         if args.metrics != "none":
             bench_suite(name, model, module, engine, images, x, targets, args, report)
@@ -333,46 +339,47 @@ def _bench_metric(
 
 
 @contextmanager
-def running_server(root: Path, args: argparse.Namespace) -> Iterator[SaliencyServer]:
-    """The real server on 127.0.0.1, port 0, on its own thread and event loop (as tests/api/conftest.py runs it)."""
-    settings = Settings(
-        model_repository=root,
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        workers=2,
-        onnx_threads=args.threads,
-        onnx_max_batch=args.max_batch,
-        prefer_cuda=False,
-        log_level="WARNING",
-    )
-    server = SaliencyServer(settings)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    failure: list[BaseException] = []
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
+def serving_process(root: Path, args: argparse.Namespace, log: Path) -> Iterator[str]:
+    """The real `saliency-service serve` on 127.0.0.1 in its own process, as it is deployed: its Python (and GIL) is
+    not the client's, so the client's encoding and decoding do not hold up the server's threads. Yields the address."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    settings = {
+        "model_repository": root,
+        "host": "127.0.0.1",
+        "port": port,
+        "metrics_port": 0,
+        "workers": 2,
+        "torch_threads": args.threads,
+        "onnx_threads": args.threads,
+        "onnx_max_batch": args.max_batch,
+        "prefer_cuda": "false",
+        "log_level": "WARNING",
+    }
+    env = {**os.environ, **{f"{ENV_PREFIX}{key.upper()}": str(value) for key, value in settings.items()}}
+    address = f"127.0.0.1:{port}"
+    with log.open("wb") as output:
+        process = subprocess.Popen([sys.executable, "-m", "saliency_service", "serve"], env=env, stdout=output, stderr=subprocess.STDOUT)
         try:
-            loop.run_until_complete(server.start())
-        except BaseException as exc:
-            failure.append(exc)
-            started.set()
-            return
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, name="bench-server", daemon=True)
-    thread.start()
-    started.wait(timeout=600)
-    if failure:
-        raise failure[0]
-    try:
-        yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(timeout=60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
+            deadline = time.monotonic() + 600
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the server exited with {process.returncode}; its log: {log}")
+                try:
+                    with grpc.insecure_channel(address) as channel:
+                        request = health_pb2.HealthCheckRequest(service="")
+                        if health_pb2_grpc.HealthStub(channel).Check(request, timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                            break
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not serve within 600 s; its log: {log}")
+                time.sleep(0.5)
+            yield address
+        finally:
+            process.terminate()
+            process.wait(timeout=120)
 
 
 def bench_grpc(
@@ -390,16 +397,21 @@ def bench_grpc(
                 job = ExplainJob(name, [raw(image) for image in images], "grad_cam")
                 engine.explain(job)
                 client.explain(name, images, method="grad_cam")
-                local, remote = [], []
-                # Alternate the two so that load from other processes falls on both alike.
-                for _ in range(max(10, 4 * args.repeats)):
+                x = normalised(model, images)
+                local, remote, forward = [], [], []
+                # Alternate the three (the forward pass too, the unit of "x fwd") so that load from other processes and
+                # the server's own threads fall on all alike.
+                for _ in range(max(30, 4 * args.repeats)):
+                    start = time.perf_counter()
+                    model.logits(x)
+                    forward.append(time.perf_counter() - start)
                     start = time.perf_counter()
                     engine.explain(job)
                     local.append(time.perf_counter() - start)
                     start = time.perf_counter()
                     client.explain(name, images, method="grad_cam")
                     remote.append(time.perf_counter() - start)
-                report.grpc.append((name, batch, statistics.median(local), statistics.median(remote)))
+                report.grpc.append((name, batch, statistics.median(local), statistics.median(remote), statistics.median(forward)))
         for name, model in models.items():
             print(f"concurrency {name} ...", file=sys.stderr, flush=True)
             image = images_for(name, model, 1)
@@ -439,16 +451,16 @@ def _throughput(address: str, model: str, image: list[np.ndarray], clients: int,
 # ---- profile ----
 
 
-def profile(engine: Engine, model: LoadedModel, name: str) -> list[str]:
+def profile(engine: Engine, model: LoadedModel, name: str, methods: Sequence[str], calls: int) -> list[str]:
     """cProfile (where Python time goes, onnxruntime's run included) and torch.profiler (which aten ops) per method."""
     out = []
     images = images_for(name, model, 1)
-    for method in ("grad_cam", "lrp"):
+    for method in methods:
         job = ExplainJob(name, [raw(image) for image in images], method)
         engine.explain(job)
         profiler = cProfile.Profile()
         profiler.enable()
-        for _ in range(3):
+        for _ in range(calls):
             engine.explain(job)
         profiler.disable()
         text = io.StringIO()
@@ -458,7 +470,7 @@ def profile(engine: Engine, model: LoadedModel, name: str) -> list[str]:
             engine.explain(job)
         ops = torch_profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
         out.append(
-            f"#### Profile: Explain {method} on {name}, batch 1 (3 calls, cProfile by own time)\n\n```\n"
+            f"#### Profile: Explain {method} on {name}, batch 1 ({calls} call{'s' if calls > 1 else ''}, cProfile by own time)\n\n```\n"
             + "\n".join(lines)
             + f"\n```\n\ntorch.profiler, one call, top aten ops by self CPU time:\n\n```\n{ops}\n```\n"
         )
@@ -473,7 +485,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--methods", default="all", help="'all' or comma-separated method ids (others are not run)")
-    parser.add_argument("--metrics", default="all", help="'all', 'none' or comma-separated Score metric ids for the Score table")
+    parser.add_argument("--metrics", default="all", help="'all', 'none' or comma-separated Score metric ids (both Score tables)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, reduced perturbation methods, slow methods once")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5, 3 with --quick)")
     parser.add_argument("--slow", type=float, default=2.0, help="a first run longer than this many seconds is the only sample")
@@ -481,7 +493,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64, help="images per forward/backward pass (the server's onnx_max_batch)")
     parser.add_argument("--repository", type=Path, default=None, help="keep the exported models here and reuse them (default: a temp dir)")
     parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC and concurrency part")
-    parser.add_argument("--profile", action="store_true", help="profile Explain grad_cam and lrp on the largest model")
+    parser.add_argument("--profile", action="store_true", help="profile Explain grad_cam, lrp (largest model), score_cam (resnet18)")
     parser.add_argument("--out", type=Path, default=None, help="append the dated section to this markdown file")
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 5)
@@ -505,11 +517,13 @@ def main() -> None:
         for name in names:
             bench_model(name, models[name], modules.get(name), engine, batches, args, report)
         if not args.no_grpc:
-            with running_server(root, args) as server:
-                bench_grpc(f"127.0.0.1:{server.port}", engine, models, batches, args, report)
+            with serving_process(root, args, root / "bench-server.log") as address:
+                bench_grpc(address, engine, models, batches, args, report)
         if args.profile:
             largest = max(names, key=lambda n: (models[n].config.input.height, n))
-            report.profiles = profile(engine, models[largest], largest)
+            report.profiles = profile(engine, models[largest], largest, ("grad_cam", "lrp"), calls=3)
+            if "resnet18" in models:  # where Score-CAM's time goes, against its floor of one pass per live channel
+                report.profiles += profile(engine, models["resnet18"], "resnet18", ("score_cam",), calls=1)
 
     text = render(report, args, (load_start, os.getloadavg()[0]), time.perf_counter() - started)
     print(text)
