@@ -67,7 +67,8 @@ def input_relevance(model: LoadedModel, x: torch.Tensor, weights: torch.Tensor, 
     (LRP: the seed `onehot * y_c` makes the input relevance sum to the logit, METHODS.md §6 "Seeding").
     """
     program = model.program
-    module = program.fast  # BatchNorms already folded into their convolutions, as the rules would fold them
+    # The inference copy has its BatchNorms folded into their convolutions, as the rules would fold them.
+    module = program.fast if isinstance(program.fast, torch.fx.GraphModule) else program.module
     parts = []
     step = model.max_batch
     for start in range(0, len(x), step):

@@ -218,7 +218,7 @@ def inference_program(module: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
                 except LookupError:
                     gamma = beta = mean = var = None
                 if mean is not None and var is not None:
-                    scale = torch.rsqrt(var.double() + float(bn.args[7]))  # type: ignore[arg-type]
+                    scale = torch.rsqrt(var.double() + float(bn.args[7]))
                     if gamma is not None:
                         scale = scale * gamma.double()
                     shift = -mean.double() * scale + (0.0 if beta is None else beta.double())
