@@ -31,7 +31,6 @@ import io
 import os
 import pstats
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,14 +42,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import torch
 from benchmarks import peers as peer_library
 from benchmarks import resnet
 from benchmarks.measure import measure, measure_alternating
 from benchmarks.report import Report, Row, render
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tests.e2e.test_serve_process import _free_port, _wait_serving
 
 from saliency_service.config import EMBEDDED_REPOSITORY, ENV_PREFIX
 from saliency_service.core.engine import Engine, ExplainJob, ScoreJob
@@ -130,6 +128,11 @@ def normalised(model: LoadedModel, images: Sequence[np.ndarray]) -> np.ndarray:
 # ---- the plan: which parameters per model ----
 
 
+def chosen(choice: str, name: str) -> bool:
+    """Whether a --methods or --metrics choice ('all', 'none' or comma-separated ids) takes `name`."""
+    return choice == "all" or name in choice.split(",")
+
+
 def method_params(name: str, size: int, quick: bool) -> tuple[dict[str, dict[str, object]], dict[str, str]]:
     """Parameters per method for this model (defaults unless reduced), and a note per reduced or skipped method."""
     params: dict[str, dict[str, object]] = {method: {} for method in METHODS.names()}
@@ -185,7 +188,7 @@ def bench_model(
         if module is not None:
             peers = peer_library.peers(module, torch.from_numpy(x), torch.from_numpy(targets), params, args.max_batch)
         for method_name in METHODS.names():
-            if args.methods != "all" and method_name not in args.methods.split(","):
+            if not chosen(args.methods, method_name):
                 continue
             method = METHODS.get(method_name)
             if method_name in notes and "skipped" in notes[method_name]:
@@ -224,7 +227,7 @@ def bench_model(
             if args.quick and row.explain.samples == 1:
                 too_slow[method_name] = f"not repeated at larger batches with --quick ({row.explain.median:.1f} s at batch {batch})"
         for metric_name in SCORED_METRICS:
-            if args.metrics != "all" and metric_name not in args.metrics.split(","):
+            if not chosen(args.metrics, metric_name):
                 continue
             report.scores.append(_bench_metric(model, metric_name, x, targets, forward, args))
         if args.metrics != "none":
@@ -255,7 +258,6 @@ def bench_suite(
     maps = rng.random((batch, spec.height, spec.width)).astype(np.float32)
     masks = np.zeros((batch, spec.height, spec.width), dtype=bool)
     masks[:, spec.height // 4 : 3 * spec.height // 4, spec.width // 4 : 3 * spec.width // 4] = True
-    wanted = None if args.metrics == "all" else set(args.metrics.split(","))
     # The foil must differ from every item's target: the lowest class no image predicts, or where every class is
     # predicted by some image (shapes, batch 8), contrastive metrics explain class 0 against class 1 for all.
     free = set(range(model.config.num_classes)) - {int(t) for t in targets}
@@ -264,7 +266,7 @@ def bench_suite(
         module, torch.from_numpy(x), torch.from_numpy(targets), torch.from_numpy(maps), torch.from_numpy(masks), args.max_batch
     )
     for metric_name in METRICS.names():
-        if wanted is not None and metric_name not in wanted:
+        if not chosen(args.metrics, metric_name):
             continue
         cls = METRICS.get(metric_name)
         job = ScoreJob(
@@ -342,9 +344,7 @@ def _bench_metric(
 def serving_process(root: Path, args: argparse.Namespace, log: Path) -> Iterator[str]:
     """The real `saliency-service serve` on 127.0.0.1 in its own process, as it is deployed: its Python (and GIL) is
     not the client's, so the client's encoding and decoding do not hold up the server's threads. Yields the address."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
+    port = _free_port()
     settings = {
         "model_repository": root,
         "host": "127.0.0.1",
@@ -362,20 +362,10 @@ def serving_process(root: Path, args: argparse.Namespace, log: Path) -> Iterator
     with log.open("wb") as output:
         process = subprocess.Popen([sys.executable, "-m", "saliency_service", "serve"], env=env, stdout=output, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 600
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"the server exited with {process.returncode}; its log: {log}")
-                try:
-                    with grpc.insecure_channel(address) as channel:
-                        request = health_pb2.HealthCheckRequest(service="")
-                        if health_pb2_grpc.HealthStub(channel).Check(request, timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                            break
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not serve within 600 s; its log: {log}")
-                time.sleep(0.5)
+            try:
+                _wait_serving(address, process, timeout=600)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{exc}; its log: {log}") from None
             yield address
         finally:
             process.terminate()
