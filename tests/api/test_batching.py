@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -15,8 +17,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from saliency_client import AsyncSaliencyClient, DeadlineExceededError, InvalidArgumentError
+from saliency_service.api.batching import ExplainBatcher
+from saliency_service.api.work import WorkPool
 from saliency_service.config import EMBEDDED_REPOSITORY, Settings
-from saliency_service.core.engine import ExplainJob
+from saliency_service.core.engine import Engine, ExplainJob
 from saliency_service.core.errors import FailedPrecondition
 from saliency_service.core.models.config import ModelConfig
 from saliency_service.core.types import RawTensor
@@ -118,6 +122,65 @@ def test_a_caller_that_gives_up_while_waiting_leaves_the_others_answered(batchin
     for index in (0, 2):
         assert isinstance(outcomes[index], list), outcomes[index]
         np.testing.assert_allclose(outcomes[index][0].saliency, _alone(batching_server, images[index], "grad_cam"), rtol=1e-4, atol=1e-5)  # type: ignore[index]
+
+
+class _CountingEngine:
+    """The server's engine, recording how many images each engine call held."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.repository = engine.repository
+        self.limits = engine.limits
+        self.calls: list[int] = []
+
+    def explain(self, job: ExplainJob) -> list[object]:
+        self.calls.append(len(job.images))
+        return self.engine.explain(job)  # type: ignore[return-value]
+
+
+def test_a_due_group_waits_for_a_free_worker_and_gathers_the_requests_that_come_meanwhile(batching_server: RunningServer) -> None:
+    """With the only worker busy, requests that arrive one delay apart end in one merged call once it frees."""
+    delay = DELAY_US / 1e6
+    engine = _CountingEngine(batching_server.server.engine)
+    images = _images(3)
+    raw = [RawTensor("uint8", image.shape, image.tobytes()) for image in images]
+    release = threading.Event()
+
+    async def scenario() -> tuple[list[object], bool]:
+        with ThreadPoolExecutor(1) as executor:
+            pool = WorkPool(executor, workers=1, max_queue=8)
+            batcher = ExplainBatcher(engine, pool)  # type: ignore[arg-type]
+            blocker = asyncio.ensure_future(pool.run("Block", release.wait))
+            calls = []
+            for index, tensor in enumerate(raw):
+                calls.append(asyncio.ensure_future(batcher.explain(ExplainJob("batched", [tensor], "grad_cam"))))
+                if index < len(raw) - 1:
+                    await asyncio.sleep(1.5 * delay)  # the open group is due before the next request comes
+            nothing_yet = not any(call.done() for call in calls) and engine.calls == []
+            release.set()
+            await blocker
+            return list(await asyncio.gather(*calls)), nothing_yet
+
+    outcomes, nothing_yet = asyncio.run(scenario())
+    assert nothing_yet, "nothing runs while the only worker is busy"
+    assert engine.calls == [3], "the group stayed open past its delay and took in the later requests"
+    for image, outcome in zip(images, outcomes, strict=True):
+        np.testing.assert_allclose(outcome[0].saliency, _alone(batching_server, image, "grad_cam"), rtol=1e-4, atol=1e-5)  # type: ignore[index]
+
+
+def test_a_due_group_goes_at_once_when_a_worker_is_free(batching_server: RunningServer) -> None:
+    engine = _CountingEngine(batching_server.server.engine)
+    image = RawTensor("uint8", _images(1)[0].shape, _images(1)[0].tobytes())
+
+    async def scenario() -> list[object]:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = ExplainBatcher(engine, WorkPool(executor, workers=1, max_queue=8))  # type: ignore[arg-type]
+            # Nothing else runs, so no worker will ever be released: the group must go on its delay alone.
+            return await asyncio.wait_for(batcher.explain(ExplainJob("batched", [image], "grad_cam")), 60)
+
+    (explanation,) = asyncio.run(scenario())
+    assert engine.calls == [1]
+    np.testing.assert_allclose(explanation.saliency, _alone(batching_server, _images(1)[0], "grad_cam"), rtol=1e-4, atol=1e-5)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,32 @@ T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+class Reservation:
+    """A place in the pool taken before its job is ready: a batch still gathering requests.
+
+    It counts against the pool's capacity from the start (so admission control sees it), but not as a
+    busy worker until `dispatch`; `WorkPool.run(..., reservation=)` hands the place to the job, and
+    `give_back` returns it when no job will come.
+    """
+
+    def __init__(self, pool: WorkPool) -> None:
+        self._pool = pool
+        self.waiting = True  # not yet sent to a worker
+        self.held = True  # the place is still this reservation's (no job has it, nor was it given back)
+
+    def dispatch(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            with self._pool._lock:
+                self._pool._waiting -= 1
+
+    def give_back(self) -> None:
+        if self.held:
+            self.dispatch()
+            self.held = False
+            self._pool._release()
+
+
 class WorkPool:
     def __init__(self, executor: Executor, workers: int, max_queue: int, max_pass_items: int = 0) -> None:
         self.executor = executor
@@ -32,7 +58,13 @@ class WorkPool:
         self.max_queue = max_queue
         self.max_pass_items = max_pass_items
         self._outstanding = 0
+        self._waiting = 0  # reservations not yet sent to a worker
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_release(self, listener: Callable[[], None]) -> None:
+        """Call `listener` on the event loop each time a job ends and its worker is free again."""
+        self._listeners.append(listener)
 
     @property
     def capacity(self) -> int:
@@ -42,6 +74,18 @@ class WorkPool:
     def outstanding(self) -> int:
         """Jobs running or waiting now."""
         return self._outstanding
+
+    @property
+    def idle_workers(self) -> int:
+        """Workers with nothing to do now (0 while jobs wait in the queue)."""
+        return max(0, self.workers - (self._outstanding - self._waiting))
+
+    def reserve(self) -> Reservation:
+        """Take a place now for a job that comes later; SERVER_BUSY when the pool is full."""
+        self._admit()
+        with self._lock:
+            self._waiting += 1
+        return Reservation(self)
 
     def _admit(self) -> None:
         with self._lock:
@@ -58,12 +102,37 @@ class WorkPool:
         with self._lock:
             self._outstanding -= 1
 
-    async def run(self, rpc: str, work: Callable[[], T], context: Context | None = None, images: int = 0, requests: int = 1) -> T:
+    def _ended(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A job ended (in its worker thread, or on the loop when it was dropped from the queue)."""
+        self._release()
+        for listener in self._listeners:
+            try:
+                loop.call_soon_threadsafe(listener)
+            except RuntimeError:  # the loop has closed: nobody is left to wait for a worker
+                return
+
+    async def run(
+        self,
+        rpc: str,
+        work: Callable[[], T],
+        context: Context | None = None,
+        images: int = 0,
+        requests: int = 1,
+        reservation: Reservation | None = None,
+    ) -> T:
         """Run `work` in the pool under a fresh budget; cancelling the awaiting task cancels the budget.
 
         `requests` > 1: the work serves that many merged requests, so its compute cap is that many caps.
+        `reservation`: the place taken earlier with `reserve` (else one is taken now).
         """
-        self._admit()
+        if reservation is None:
+            self._admit()
+        else:
+            if not reservation.held:
+                raise RuntimeError("this reservation was used or given back already")
+            reservation.dispatch()
+            reservation.held = False
+        loop = asyncio.get_running_loop()
         if requests == 1:  # the batcher counts merged requests one by one
             metrics.REQUEST_IMAGES.labels(rpc).observe(images)
         remaining = context.time_remaining() if context is not None else None
@@ -81,7 +150,7 @@ class WorkPool:
             self._release()
             raise
         # Released when the job really ends (or is dropped from the queue), not when the caller goes away.
-        future.add_done_callback(lambda _: self._release())
+        future.add_done_callback(lambda _: self._ended(loop))
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
