@@ -21,7 +21,7 @@ from saliency_service.api.batching import ExplainBatcher
 from saliency_service.api.work import WorkPool
 from saliency_service.config import EMBEDDED_REPOSITORY, Settings
 from saliency_service.core.engine import Engine, ExplainJob
-from saliency_service.core.errors import FailedPrecondition
+from saliency_service.core.errors import FailedPrecondition, ResourceExhausted
 from saliency_service.core.models.config import ModelConfig
 from saliency_service.core.types import RawTensor
 from saliency_service.shapes.generator import HELDOUT_SEED_OFFSET, generate
@@ -218,3 +218,21 @@ def test_grpc_status_of_an_unbatched_error_is_unchanged(batching_server: Running
         return grpc.StatusCode.OK
 
     assert asyncio.run(call()) == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_reservation_counts_against_capacity_but_not_as_a_busy_worker_until_it_is_sent() -> None:
+    with ThreadPoolExecutor(1) as executor:
+        pool = WorkPool(executor, workers=1, max_queue=1)
+        first, second = pool.reserve(), pool.reserve()
+        with pytest.raises(ResourceExhausted) as caught:
+            pool.reserve()
+        assert caught.value.reason == "SERVER_BUSY"
+        assert (pool.outstanding, pool.idle_workers) == (2, 1), "a batch still gathering holds a place, not a worker"
+        first.dispatch()
+        assert pool.idle_workers == 0
+        assert asyncio.run(pool.run("Explain", lambda: 7, reservation=first)) == 7
+        with pytest.raises(RuntimeError):
+            asyncio.run(pool.run("Explain", lambda: 7, reservation=first))
+        second.give_back()
+        second.give_back()  # twice is once
+        assert (pool.outstanding, pool.idle_workers) == (0, 1)
