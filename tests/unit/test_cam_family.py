@@ -561,3 +561,51 @@ def test_score_cam_scores_constant_channels_like_any_other() -> None:
         weights = torch.softmax(torch.from_numpy(scores), dim=0)
         expected = postprocess_cam((weights[:, None, None] * activations[item].double()).sum(dim=0)[None], spec.height, spec.width)[0]
         np.testing.assert_allclose(maps[item], expected, atol=1e-5)
+
+
+class DuplicateChannels(nn.Module):
+    """`features` (a bare convolution) has channel 1 a copy of channel 0 and channel 2 twice it (exactly, in float):
+    the three have one min-max normalised activation, so one Score-CAM mask. Channel 3 is minus channel 0: its
+    normalised activation is 1 minus theirs, a mask of its own."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, 6, 3, padding=1)
+        with torch.no_grad():
+            weight, bias = self.features.weight, self.features.bias
+            weight[1], bias[1] = weight[0], bias[0]
+            weight[2], bias[2] = 2 * weight[0], 2 * bias[0]
+            weight[3], bias[3] = -weight[0], -bias[0]
+        self.head = nn.Linear(6, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.features(x)).mean(dim=(2, 3)))
+
+
+def test_score_cam_runs_one_pass_for_channels_with_one_normalised_activation(repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(8)
+    model = _export(DuplicateChannels(), (10, 12), repository, "duplicate-channels", 3, ["features"])
+    spec = model.config.input
+    x, targets = _batch(model, 2, 17), np.array([0, 2])
+    _, outputs = model.forward(x, ["features"])
+    activations = torch.from_numpy(outputs["features"])
+    flat = activations.flatten(2)
+    assert bool((flat.amax(dim=2) > flat.amin(dim=2)).all()), "no constant channel here: every pass is a distinct mask's"
+    rows: list[int] = []
+    logits = model.logits
+
+    def counting(inputs: np.ndarray) -> np.ndarray:
+        rows.append(len(inputs))
+        return logits(inputs)
+
+    monkeypatch.setattr(model, "logits", counting)
+    maps = _attribute(model, "score_cam", x, targets)
+    assert sum(rows) == 2 * 4, "per item: channels 0, 1 and 2 share one pass; 3, 4 and 5 have one each"
+    monkeypatch.undo()
+    masks = score_masks(activations, spec.height, spec.width).float()
+    for item in range(len(x)):
+        masked = (torch.from_numpy(x[item])[None] * masks[item][:, None]).numpy()
+        weights = torch.softmax(torch.from_numpy(model.logits(masked)[:, targets[item]].astype(np.float64)), dim=0)
+        expected = postprocess_cam((weights[:, None, None] * activations[item].double()).sum(dim=0)[None], spec.height, spec.width)[0]
+        assert expected.max() > 0.5
+        np.testing.assert_allclose(maps[item], expected, atol=1e-5)

@@ -94,17 +94,25 @@ class ScoreCam(SaliencyMethod):
 
         # A constant channel's mask is all zero (bilinear upsampling keeps a channel constant or not), so its
         # masked input is the zero image, the same for every such channel of an item: one pass per item scores
-        # them all (ReLU layers have many). The other channels' masks are made one chunk at a time, so memory
-        # holds max_batch masks, not B x K.
-        flat = activations.flatten(2)
-        live = flat.amax(dim=2) > flat.amin(dim=2)
+        # them all (ReLU layers have many). The mask depends on a channel only through its min-max normalised
+        # activation (upsampling commutes with x -> a x + b), so channels of one item whose normalised
+        # activations are equal (after a ReLU, say, channels active at one place only) share one pass too;
+        # every mask is made from the normalised activation, so equal ones are equal to the bit. The masks are
+        # made one chunk at a time, so memory holds max_batch masks, not B x K.
+        flat = activations.flatten(2).double()
+        low, high = flat.amin(dim=2, keepdim=True), flat.amax(dim=2, keepdim=True)
+        live = (high > low)[..., 0]
         scores = np.empty(batch * channels, dtype=np.float64)
         rows = torch.nonzero(live.flatten()).flatten()
-        for start, end in _chunks(len(rows), model.max_batch):
-            index = rows[start:end]
-            items, kept = index // channels, index % channels
-            masks = score_masks(activations[items, kept][:, None], spec.height, spec.width).float()
-            scores[index.numpy()] = score((x[items] * masks).numpy(), items.numpy())
+        row_items = rows // channels
+        normalised = ((flat - low) / torch.where(high > low, high - low, 1.0)).flatten(0, 1)[rows]
+        distinct, shared = torch.unique(torch.cat([row_items[:, None].double(), normalised], dim=1), dim=0, return_inverse=True)
+        distinct_scores = np.empty(len(distinct), dtype=np.float64)
+        for start, end in _chunks(len(distinct), model.max_batch):
+            items = distinct[start:end, 0].long()
+            masks = score_masks(distinct[start:end, 1:].reshape(end - start, 1, *activations.shape[2:]), spec.height, spec.width)
+            distinct_scores[start:end] = score((x[items] * masks.float()).numpy(), items.numpy())
+        scores[rows.numpy()] = distinct_scores[shared.numpy()]
         dead_items = torch.nonzero((~live).any(dim=1)).flatten().numpy()
         if len(dead_items):
             blank = score(np.zeros((len(dead_items), *x_np.shape[1:]), dtype=np.float32), dead_items)
