@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ import torch
 from benchmarks import peers as peer_library
 from benchmarks import resnet
 from benchmarks.measure import measure, measure_alternating
-from benchmarks.report import Report, Row, render
+from benchmarks.report import SETTLE_SECONDS, THROUGHPUT_ROUNDS, Report, Row, render
 from tests.e2e.test_serve_process import _free_port, _wait_serving
 
 from saliency_service.config import EMBEDDED_REPOSITORY, ENV_PREFIX
@@ -391,22 +392,41 @@ def bench_grpc(
                 local, remote, forward = [], [], []
                 # Alternate the three (the forward pass too, the unit of "x fwd") so that load from other processes and
                 # the server's own threads fall on all alike.
+                # A short pause before each: torch's OpenMP threads spin for some milliseconds after their work, in
+                # this process or the server's, and would otherwise take the cores from whichever call comes next.
+                # The server's own timed work per call (decode, predict, attribute: provenance.timings_ms) is kept too:
+                # the wall time beyond it is what gRPC itself costs, whatever the speed of either process at the time.
+                served: list[float] = []
+                calls = (
+                    (forward, partial(model.logits, x)),
+                    (local, partial(engine.explain, job)),
+                    (remote, partial(_explain_remote, client, name, images, served)),
+                )
                 for _ in range(max(30, 4 * args.repeats)):
-                    start = time.perf_counter()
-                    model.logits(x)
-                    forward.append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    engine.explain(job)
-                    local.append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    client.explain(name, images, method="grad_cam")
-                    remote.append(time.perf_counter() - start)
-                report.grpc.append((name, batch, statistics.median(local), statistics.median(remote), statistics.median(forward)))
+                    for times, call in calls:
+                        time.sleep(SETTLE_SECONDS)
+                        start = time.perf_counter()
+                        call()
+                        times.append(time.perf_counter() - start)
+                cost = statistics.median(wall - work for wall, work in zip(remote, served, strict=True))
+                report.grpc.append(
+                    (name, batch, statistics.median(local), statistics.median(remote), statistics.median(forward), cost)
+                )
         for name, model in models.items():
             print(f"concurrency {name} ...", file=sys.stderr, flush=True)
             image = images_for(name, model, 1)
-            single = 40 if name == "shapes" else 12
-            report.concurrency.append((name, _throughput(address, name, image, 1, single), _throughput(address, name, image, 8, single)))
+            total = 120 if name == "shapes" else 24
+            one, eight = [], []
+            for _ in range(THROUGHPUT_ROUNDS):  # alternated, so that a slow spell of the machine falls on both
+                one.append(_throughput(address, name, image, 1, total))
+                eight.append(_throughput(address, name, image, 8, total))
+            report.concurrency.append((name, statistics.median(one), statistics.median(eight)))
+
+
+def _explain_remote(client: Any, model: str, images: list[np.ndarray], served: list[float]) -> None:
+    """Explain grad_cam through the client; appends the seconds of work the server timed for the call."""
+    explanations = client.explain(model, images, method="grad_cam")
+    served.append(sum(explanations[0].provenance.timings_ms.values()) / 1000)
 
 
 def _throughput(address: str, model: str, image: list[np.ndarray], clients: int, total: int) -> float:

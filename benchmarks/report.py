@@ -16,6 +16,11 @@ import torch
 from benchmarks import peers as peer_library
 from benchmarks.measure import Timing
 
+#: Rounds of 1 client then 8 clients in the throughput figure (the median of each is reported).
+THROUGHPUT_ROUNDS = 3
+#: Seconds of quiet before each timed call where in-process and gRPC calls alternate.
+SETTLE_SECONDS = 0.02
+
 
 @dataclass
 class Row:
@@ -37,7 +42,8 @@ class Report:
     scores: list[tuple[str, int, str, int, float, float]] = field(default_factory=list)
     """model, batch, metric, steps, seconds, floor seconds."""
     completeness: list[tuple[str, int, float, float | None]] = field(default_factory=list)
-    grpc: list[tuple[str, int, float, float, float]] = field(default_factory=list)
+    grpc: list[tuple[str, int, float, float, float, float]] = field(default_factory=list)
+    """model, batch, in-process p50, gRPC p50, forward p50, gRPC's own cost p50 (wall minus the server's timed work), seconds."""
     """(model, batch, in-process p50, gRPC p50, forward p50) for grad_cam, the three timed alternately."""
     concurrency: list[tuple[str, float, float]] = field(default_factory=list)
     suite: list[tuple[str, int, str, Timing | None, Timing | None, str]] = field(default_factory=list)
@@ -156,22 +162,26 @@ def render(report: Report, args: argparse.Namespace, load: tuple[float, float], 
         lines += [
             "",
             "Explain grad_cam through gRPC (the `saliency-service serve` process and the Python client, uint8 images) "
-            "against the same Explain in-process and the onnxruntime forward pass, the three alternated; p50 over the calls; "
-            "x fwd against that forward.",
+            "against the same Explain in-process and the onnxruntime forward pass, the three alternated with a "
+            f"{SETTLE_SECONDS * 1000:.0f} ms pause "
+            "before each (so that one's idle threads, still spinning, do not slow the next); p50 over the calls; "
+            "x fwd against that forward. gRPC's own cost: per call, the client's wall time minus the work the server "
+            "timed for it (decode, predict, attribute in provenance.timings_ms), p50; its share is of the in-process p50.",
             "",
-            "| model | batch | in-process p50 ms | gRPC p50 ms | gRPC overhead | gRPC x fwd |",
-            "|---|---|---|---|---|---|",
+            "| model | batch | in-process p50 ms | gRPC p50 ms | gRPC overhead | gRPC's own cost ms | its share | gRPC x fwd |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for model, batch, local, remote, forward in report.grpc:
+        for model, batch, local, remote, forward, cost in report.grpc:
             lines.append(
                 f"| {model} | {batch} | {local * 1000:.1f} | {remote * 1000:.1f} | {100 * (remote / local - 1):+.1f}% | "
-                f"{_ratio(remote, forward)} |"
+                f"{cost * 1000:.1f} | {100 * cost / local:.1f}% | {_ratio(remote, forward)} |"
             )
     if report.concurrency:
         lines += [
             "",
             "Throughput of Explain grad_cam, one image per request, server with 2 workers: 8 concurrent clients "
-            "against 1; the forward pass's images per second at each batch size for comparison.",
+            f"against 1, alternated {THROUGHPUT_ROUNDS} times, the median of each; the forward pass's images per second "
+            "at each batch size for comparison.",
             "",
             "| model | 1 client req/s | 8 clients req/s | ratio | onnxruntime images/s by batch |",
             "|---|---|---|---|---|",
@@ -198,7 +208,7 @@ def targets(report: Report, ours: dict[tuple[str, int, str], float]) -> list[str
         if model == "resnet50" and (model, batch, "grad_cam") in explain:
             ratio = explain[(model, batch, "grad_cam")] / forward
             out.append(f"grad_cam ResNet-50 batch {batch} in-process: {ratio:.2f}x fwd (target 1.3x): {verdict(ratio, 1.3)}")
-    for model, batch, _, remote, forward in report.grpc:
+    for model, batch, _, remote, forward, _ in report.grpc:
         if model == "resnet50":
             ratio = remote / forward
             out.append(f"grad_cam ResNet-50 batch {batch} through gRPC: {ratio:.2f}x fwd (target 1.5x): {verdict(ratio, 1.5)}")
@@ -225,10 +235,13 @@ def targets(report: Report, ours: dict[tuple[str, int, str], float]) -> list[str
             ratio = seconds / floor
             head = f"{metric} {model} batch {batch}, {steps} steps: {ratio:.2f}x its forward passes"
             out.append(f"{head} (target 1.2x): {verdict(ratio, 1.2)}")
-    for model, batch, local, remote, _ in report.grpc:
+    for model, batch, local, remote, _, cost in report.grpc:
         overhead = remote / local - 1
-        head = f"gRPC overhead {model} batch {batch} (224x224): {100 * overhead:+.1f}% at p50"
-        out.append(f"{head} (target 10%): {verdict(max(overhead, 0), 0.10)}")
+        head = (
+            f"gRPC overhead {model} batch {batch} (224x224): gRPC's own cost {cost * 1000:.1f} ms, {100 * cost / local:.1f}% of "
+            f"the in-process p50 (the two p50s, from two processes: {100 * overhead:+.1f}%)"
+        )
+        out.append(f"{head} (target 10%): {verdict(max(cost / local, 0), 0.10)}")
     for model, one, eight in report.concurrency:
         ratio = eight / one
         if model == "shapes":
