@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from saliency_service.core.errors import InvalidArgument
-from saliency_service.core.methods import METHODS, MethodInput
+from saliency_service.core.methods import METHODS, MethodInput, rules
 from saliency_service.core.methods.lrp import COMPOSITES, GUIDED_BACKPROP, composite_rules, input_relevance
-from saliency_service.core.methods.rules import _transpose_for, _vjp, plan_for, zbox_bounds
+from saliency_service.core.methods.rules import _transpose_for, _vjp, plan_for, positive_part, zbox_bounds
 from saliency_service.core.methods.salient_relevance import context_aware_saliency
 from saliency_service.core.models.export import export_model
 from saliency_service.core.models.model import LoadedModel, RuntimeOptions
@@ -618,3 +618,17 @@ def test_the_transposed_op_equals_autograd_through_a_forward(target: str, args: 
     assert transpose is not None
     vector = torch.randn(call(x, weight, None).shape, generator=generator)
     torch.testing.assert_close(transpose(x, weight, vector), _vjp(call, x, weight, vector), rtol=1e-5, atol=1e-5)
+
+
+def test_the_positive_part_of_a_weight_is_kept_while_it_lives_and_redone_when_it_changes() -> None:
+    weight = torch.tensor([[-1.0, 2.0], [3.0, -4.0]])
+    first = positive_part(weight)
+    assert torch.equal(first, weight.clamp(min=0))
+    assert positive_part(weight) is first, "the same, unchanged weight: the kept part"
+    weight.mul_(-1)  # changed in place: its version moves on
+    assert torch.equal(positive_part(weight), weight.clamp(min=0))
+    other = weight.clone()
+    assert positive_part(other) is not positive_part(weight)
+    key = id(other)
+    del other
+    assert key not in rules._POSITIVE_PARTS, "the entry goes with its weight"
