@@ -43,8 +43,8 @@ class Report:
     """model, batch, metric, steps, seconds, floor seconds."""
     completeness: list[tuple[str, int, float, float | None]] = field(default_factory=list)
     grpc: list[tuple[str, int, float, float, float, float]] = field(default_factory=list)
-    """model, batch, in-process p50, gRPC p50, forward p50, gRPC's own cost p50 (wall minus the server's timed work), seconds."""
-    """(model, batch, in-process p50, gRPC p50, forward p50) for grad_cam, the three timed alternately."""
+    """(model, batch, in-process p50, gRPC p50, forward p50, gRPC's own cost p50) for grad_cam, in seconds; the first three
+    timed alternately; the cost is the client's wall time minus the server's timed work, per call."""
     concurrency: list[tuple[str, float, float]] = field(default_factory=list)
     suite: list[tuple[str, int, str, Timing | None, Timing | None, str]] = field(default_factory=list)
     """model, batch, metric, Score time, metric-only time (both None: not run), and the peer's name or why it did not run."""

@@ -54,10 +54,13 @@ def _images(count: int) -> list[np.ndarray]:
     return [generate(HELDOUT_SEED_OFFSET + 40 + i).image for i in range(count)]
 
 
+def _raw(image: np.ndarray) -> RawTensor:
+    return RawTensor("uint8", image.shape, image.tobytes())
+
+
 def _alone(running: RunningServer, image: np.ndarray, method: str) -> np.ndarray:
     """The map the engine gives this image on its own, with no batching in between."""
-    raw = RawTensor("uint8", image.shape, image.tobytes())
-    (explanation,) = running.server.engine.explain(ExplainJob("batched", [raw], method))
+    (explanation,) = running.server.engine.explain(ExplainJob("batched", [_raw(image)], method))
     return explanation.saliency
 
 
@@ -143,7 +146,7 @@ def test_a_due_group_waits_for_a_free_worker_and_gathers_the_requests_that_come_
     delay = DELAY_US / 1e6
     engine = _CountingEngine(batching_server.server.engine)
     images = _images(3)
-    raw = [RawTensor("uint8", image.shape, image.tobytes()) for image in images]
+    raw = [_raw(image) for image in images]
     release = threading.Event()
 
     async def scenario() -> tuple[list[object], bool]:
@@ -170,17 +173,17 @@ def test_a_due_group_waits_for_a_free_worker_and_gathers_the_requests_that_come_
 
 def test_a_due_group_goes_at_once_when_a_worker_is_free(batching_server: RunningServer) -> None:
     engine = _CountingEngine(batching_server.server.engine)
-    image = RawTensor("uint8", _images(1)[0].shape, _images(1)[0].tobytes())
+    (image,) = _images(1)
 
     async def scenario() -> list[object]:
         with ThreadPoolExecutor(1) as executor:
             batcher = ExplainBatcher(engine, WorkPool(executor, workers=1, max_queue=8))  # type: ignore[arg-type]
             # Nothing else runs, so no worker will ever be released: the group must go on its delay alone.
-            return await asyncio.wait_for(batcher.explain(ExplainJob("batched", [image], "grad_cam")), 60)
+            return await asyncio.wait_for(batcher.explain(ExplainJob("batched", [_raw(image)], "grad_cam")), 60)
 
     (explanation,) = asyncio.run(scenario())
     assert engine.calls == [1]
-    np.testing.assert_allclose(explanation.saliency, _alone(batching_server, _images(1)[0], "grad_cam"), rtol=1e-4, atol=1e-5)  # type: ignore[attr-defined]
+    np.testing.assert_allclose(explanation.saliency, _alone(batching_server, image, "grad_cam"), rtol=1e-4, atol=1e-5)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,13 @@ class Reservation:
             self.held = False
             self._pool._release()
 
+    def hand_to_job(self) -> None:
+        """The job now holds the place (the pool releases it when the job ends)."""
+        if not self.held:
+            raise RuntimeError("this reservation was used or given back already")
+        self.dispatch()
+        self.held = False
+
 
 class WorkPool:
     def __init__(self, executor: Executor, workers: int, max_queue: int, max_pass_items: int = 0) -> None:
@@ -128,10 +135,7 @@ class WorkPool:
         if reservation is None:
             self._admit()
         else:
-            if not reservation.held:
-                raise RuntimeError("this reservation was used or given back already")
-            reservation.dispatch()
-            reservation.held = False
+            reservation.hand_to_job()
         loop = asyncio.get_running_loop()
         if requests == 1:  # the batcher counts merged requests one by one
             metrics.REQUEST_IMAGES.labels(rpc).observe(images)
