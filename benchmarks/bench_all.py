@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime
 import torch
 from benchmarks import peers as peer_library
 from benchmarks import resnet
@@ -181,13 +182,15 @@ def bench_model(
         if module is not None:
             # The peers get the exported module itself: check the served artifacts compute the same logits.
             with torch.no_grad():
-                eager = module(torch.from_numpy(x)).numpy()
+                eager = module(torch.from_numpy(x).to(args.device)).cpu().numpy()
             difference = float(np.abs(eager - model.logits(x)).max())
             if difference > 1e-3 * max(1.0, float(np.abs(eager).max())):
                 raise SystemExit(f"{name}: the module and the repository's artifacts differ by {difference:.3g}; delete the repository")
         peers = []
         if module is not None:
-            peers = peer_library.peers(module, torch.from_numpy(x), torch.from_numpy(targets), params, args.max_batch)
+            peers = peer_library.peers(
+                module, torch.from_numpy(x).to(args.device), torch.from_numpy(targets).to(args.device), params, args.max_batch
+            )
         for method_name in METHODS.names():
             if not chosen(args.methods, method_name):
                 continue
@@ -264,7 +267,13 @@ def bench_suite(
     free = set(range(model.config.num_classes)) - {int(t) for t in targets}
     foil, foil_target = (min(free), None) if free else (1, 0)
     metric_peers = peer_library.metric_peers(
-        module, torch.from_numpy(x), torch.from_numpy(targets), torch.from_numpy(maps), torch.from_numpy(masks), args.max_batch
+        module,
+        torch.from_numpy(x),
+        torch.from_numpy(targets),
+        torch.from_numpy(maps),
+        torch.from_numpy(masks),
+        args.max_batch,
+        str(args.device),
     )
     for metric_name in METRICS.names():
         if not chosen(args.metrics, metric_name):
@@ -306,7 +315,7 @@ def bench_suite(
 def _completeness(model: LoadedModel, x: np.ndarray, targets: np.ndarray, result: Any) -> float:
     """max over items of |sum(attribution) - (f(x) - f(0))| / |f(x) - f(0)|, f the target logit (zero baseline)."""
     if isinstance(result, torch.Tensor):
-        sums = result.detach().double().reshape(len(x), -1).sum(dim=1).numpy()
+        sums = result.detach().cpu().double().reshape(len(x), -1).sum(dim=1).numpy()
     else:
         sums = np.asarray([float(np.asarray(e.saliency, dtype=np.float64).sum()) for e in result])
     rows = np.arange(len(x))
@@ -355,7 +364,8 @@ def serving_process(root: Path, args: argparse.Namespace, log: Path) -> Iterator
         "torch_threads": args.threads,
         "onnx_threads": args.threads,
         "onnx_max_batch": args.max_batch,
-        "prefer_cuda": "false",
+        "prefer_cuda": str(args.gpu).lower(),
+        "float16": str(args.float16).lower(),
         "log_level": "WARNING",
     }
     env = {**os.environ, **{f"{ENV_PREFIX}{key.upper()}": str(value) for key, value in settings.items()}}
@@ -409,9 +419,7 @@ def bench_grpc(
                         call()
                         times.append(time.perf_counter() - start)
                 cost = statistics.median(wall - work for wall, work in zip(remote, served, strict=True))
-                report.grpc.append(
-                    (name, batch, statistics.median(local), statistics.median(remote), statistics.median(forward), cost)
-                )
+                report.grpc.append((name, batch, statistics.median(local), statistics.median(remote), statistics.median(forward), cost))
         for name, model in models.items():
             print(f"concurrency {name} ...", file=sys.stderr, flush=True)
             image = images_for(name, model, 1)
@@ -505,6 +513,8 @@ def main() -> None:
     parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC and concurrency part")
     parser.add_argument("--profile", action="store_true", help="profile Explain grad_cam, lrp (largest model), score_cam (resnet18)")
     parser.add_argument("--out", type=Path, default=None, help="append the dated section to this markdown file")
+    parser.add_argument("--gpu", action="store_true", help="onnxruntime's CUDA provider and torch on the GPU, ours and the peers'")
+    parser.add_argument("--float16", action="store_true", help="our ONNX graphs in half precision (the server's `float16` setting)")
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 5)
     names = [name.strip() for name in args.models.split(",") if name.strip()]
@@ -512,14 +522,18 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     batches = [int(b) for b in args.batch.split(",")]
+    if args.gpu and not (torch.cuda.is_available() and "CUDAExecutionProvider" in onnxruntime.get_available_providers()):
+        parser.error("--gpu needs onnxruntime's CUDA provider (onnxruntime-gpu) and a CUDA build of torch")
+    args.device = torch.device("cuda" if args.gpu else "cpu")
     torch.set_num_threads(args.threads)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory(prefix="bench-repository-") as temporary:
         root = args.repository or Path(temporary)
         root.mkdir(parents=True, exist_ok=True)
-        modules = build_repository(root, names)
-        repository = ModelRepository(root, RuntimeOptions(max_batch=args.max_batch, threads=args.threads, prefer_cuda=False))
+        modules = {name: module.to(args.device) for name, module in build_repository(root, names).items()}
+        options = RuntimeOptions(max_batch=args.max_batch, threads=args.threads, prefer_cuda=args.gpu, float16=args.float16)
+        repository = ModelRepository(root, options)
         repository.load_all()
         engine = Engine(repository, ImageLimits(max_images=max(64, *batches)))
         models = {name: repository.get(name) for name in names}

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 
 @dataclass
 class Timing:
@@ -57,18 +59,25 @@ def peak_rss() -> Iterator[list[float]]:
         out.append((peak[0] - base) / 2**20)
 
 
+def _finished(result: Any) -> Any:
+    """`result`, once the GPU work queued for it is done (CUDA kernels run asynchronously; on the CPU a no-op)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return result
+
+
 def measure(run: Callable[[], Any], repeats: int, slow: float) -> Timing:
     """Median seconds over `repeats` runs after a warm-up (memory measured during the warm-up); one run if slow."""
     with peak_rss() as peak:
         start = time.perf_counter()
-        result = run()
+        result = _finished(run())
         first = time.perf_counter() - start
     if first > slow:
         return Timing(first, 1, peak[0], result)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        result = run()
+        result = _finished(run())
         times.append(time.perf_counter() - start)
     return Timing(statistics.median(times), repeats, peak[0], result)
 
@@ -80,7 +89,7 @@ def measure_alternating(runs: Sequence[Callable[[], Any]], repeats: int, slow: f
     for run in runs:
         with peak_rss() as peak:
             start = time.perf_counter()
-            result = run()
+            result = _finished(run())
             seconds = time.perf_counter() - start
         firsts.append(Timing(seconds, 1, peak[0], result))
     if max(first.median for first in firsts) > slow:
@@ -89,6 +98,6 @@ def measure_alternating(runs: Sequence[Callable[[], Any]], repeats: int, slow: f
     for _ in range(repeats):
         for run, samples in zip(runs, times, strict=True):
             start = time.perf_counter()
-            run()
+            _finished(run())
             samples.append(time.perf_counter() - start)
     return [Timing(statistics.median(samples), repeats, first.peak_mb, first.result) for first, samples in zip(firsts, times, strict=True)]

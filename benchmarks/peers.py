@@ -133,7 +133,7 @@ def _zennit(net: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> list[Peer
                 return {"forward": cls.forward.__get__(module), "canonizer_sum": Sum()}
             return None
 
-    onehot = torch.eye(resnet.CLASSES)[targets]
+    onehot = torch.eye(resnet.CLASSES, device=x.device)[targets]
 
     def run() -> torch.Tensor:
         composite = EpsilonPlusFlat(canonizers=[CompositeCanonizer([SequentialMergeBatchNorm(), Bottleneck(), BasicBlock()])])
@@ -153,7 +153,13 @@ class MetricPeer:
 
 
 def metric_peers(
-    net: nn.Module | None, x: torch.Tensor, targets: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor, batch_limit: int
+    net: nn.Module | None,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    maps: torch.Tensor,
+    masks: torch.Tensor,
+    batch_limit: int,
+    device: str = "cpu",
 ) -> list[MetricPeer]:
     """Quantus 0.6.0's versions of our Score metrics, on the same inputs, maps and masks (empty without quantus).
 
@@ -161,7 +167,8 @@ def metric_peers(
     metrics get the same nn.Module as the method peers and the same amount of work as ours: faithfulness
     correlation with 100 runs of 224 pixels, and pixel flipping with one pixel row per step (our deletion with
     `step` = the image width), each with Quantus' own "black" baseline; the comparison is of time, not of values
-    (tests/peers compares values). Without a module (the `shapes` model) only the map-only metrics run.
+    (tests/peers compares values). Without a module (the `shapes` model) only the map-only metrics run. `device`:
+    where Quantus runs the module (it takes numpy batches and moves them there itself).
     """
     try:
         import quantus
@@ -173,7 +180,7 @@ def metric_peers(
 
     def call(metric: object, model: nn.Module | None = None) -> Callable[[], object]:
         def run() -> object:
-            return metric(model=model, x_batch=x_np, y_batch=y_np, a_batch=a_np, s_batch=s_np, device="cpu", batch_size=batch_limit)  # type: ignore[operator]
+            return metric(model=model, x_batch=x_np, y_batch=y_np, a_batch=a_np, s_batch=s_np, device=device, batch_size=batch_limit)  # type: ignore[operator]
 
         return run
 

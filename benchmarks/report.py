@@ -65,6 +65,14 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _device(args: argparse.Namespace) -> str:
+    """Where the models and peers ran (`--gpu`), and in what precision (`--float16`)."""
+    precision = "; our ONNX graphs in float16" if getattr(args, "float16", False) else ""
+    if getattr(args, "gpu", False):
+        return f"Device: {torch.cuda.get_device_name()} (onnxruntime's CUDA provider, torch and the peers on CUDA){precision}."
+    return f"Device: the CPU{precision}."
+
+
 def render(report: Report, args: argparse.Namespace, load: tuple[float, float], elapsed: float) -> str:
     peers = ", ".join(f"{name} {version}" for name, version in peer_library.versions().items()) or "none installed"
     lines = [
@@ -73,7 +81,7 @@ def render(report: Report, args: argparse.Namespace, load: tuple[float, float], 
         f"Machine: {_cpu_name()}, {os.cpu_count()} cores, {args.threads} threads for torch and onnxruntime; "
         f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}; peers: {peers}. "
         f"Load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end (other processes were running); "
-        f"{elapsed / 60:.0f} minutes in all.",
+        f"{elapsed / 60:.0f} minutes in all. {_device(args)}",
         "",
         "```",
         "PYTHONPATH=service:clients/python:. " + shlex.join([Path(sys.executable).name, "-m", "benchmarks.bench_all", *sys.argv[1:]]),

@@ -97,10 +97,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     settings = Settings.load(flags={"model_repository": args.model_repository}, env=os.environ, file=args.config)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    repository = ModelRepository(
-        settings.model_repository,
-        RuntimeOptions(max_batch=settings.onnx_max_batch, threads=settings.onnx_threads, prefer_cuda=settings.prefer_cuda),
-    )
+    repository = ModelRepository(settings.model_repository, RuntimeOptions.from_settings(settings))
     repository.load_all()
     engine = Engine(repository, ImageLimits(max_images=max(args.batch, 1), max_pixels=settings.max_image_pixels))
     try:

@@ -32,6 +32,9 @@ class Settings:
     """0: onnxruntime's default."""
     onnx_max_batch: int = 256
     prefer_cuda: bool = True
+    """onnxruntime on its CUDA provider when that loads, and the torch program on the same GPU when torch has CUDA."""
+    float16: bool = False
+    """Run the ONNX graphs in half precision (inputs and outputs stay float32; gradients stay float32 in torch)."""
     max_message_bytes: int = 32 * 1024 * 1024
     max_batch_images: int = 64
     max_image_pixels: int = 4096 * 4096

@@ -592,13 +592,13 @@ def test_score_cam_runs_one_pass_for_channels_with_one_normalised_activation(rep
     flat = activations.flatten(2)
     assert bool((flat.amax(dim=2) > flat.amin(dim=2)).all()), "no constant channel here: every pass is a distinct mask's"
     rows: list[int] = []
-    logits = model.logits
+    logits_tensor = model.logits_tensor
 
-    def counting(inputs: np.ndarray) -> np.ndarray:
+    def counting(inputs: torch.Tensor) -> torch.Tensor:
         rows.append(len(inputs))
-        return logits(inputs)
+        return logits_tensor(inputs)
 
-    monkeypatch.setattr(model, "logits", counting)
+    monkeypatch.setattr(model, "logits_tensor", counting)
     maps = _attribute(model, "score_cam", x, targets)
     assert sum(rows) == 2 * 4, "per item: channels 0, 1 and 2 share one pass; 3, 4 and 5 have one each"
     monkeypatch.undo()

@@ -49,7 +49,7 @@ class SaliencyServer:
         self.settings = settings
         self.repository = ModelRepository(
             settings.model_repository,
-            RuntimeOptions(max_batch=settings.onnx_max_batch, threads=settings.onnx_threads, prefer_cuda=settings.prefer_cuda),
+            RuntimeOptions.from_settings(settings),
             observer=_observe_pass,
         )
         self.engine = Engine(self.repository, ImageLimits(max_images=settings.max_batch_images, max_pixels=settings.max_image_pixels))
@@ -68,9 +68,11 @@ class SaliencyServer:
         known_methods = frozenset([*METHODS.names(), *METRICS.names(), *TEMPLATES.names()])
         known_models = frozenset(status.name for status in statuses)
         server = grpc.aio.server(
-            interceptors=[SaliencyInterceptor(
+            interceptors=[
+                SaliencyInterceptor(
                     self.settings.max_message_bytes, lambda: known_models, lambda: known_methods, tokens=self.auth_tokens, gate=self.gate
-                )],
+                )
+            ],
             options=[
                 # The transport cap is a backstop at twice the application cap, so that most oversized
                 # requests get the application's RESOURCE_EXHAUSTED with an ErrorInfo naming the cap.

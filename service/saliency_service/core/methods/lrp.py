@@ -69,6 +69,8 @@ def input_relevance(model: LoadedModel, x: torch.Tensor, weights: torch.Tensor, 
     program = model.program
     # The inference copy has its BatchNorms folded into their convolutions, as the rules would fold them.
     module = program.fast if isinstance(program.fast, torch.fx.GraphModule) else program.module
+    origin = x.device
+    x, weights = x.to(model.device), weights.to(model.device)
     parts = []
     step = model.max_batch
     for start in range(0, len(x), step):
@@ -80,7 +82,7 @@ def input_relevance(model: LoadedModel, x: torch.Tensor, weights: torch.Tensor, 
                 seed = seed * logits.detach()
             (relevance,) = torch.autograd.grad(logits, xs, seed)
         parts.append(relevance.detach())
-    return torch.cat(parts)
+    return torch.cat(parts).to(origin)
 
 
 def _as_tensor(x: np.ndarray) -> torch.Tensor:

@@ -83,11 +83,13 @@ class ScoreCam(SaliencyMethod):
         activations = torch.from_numpy(request.activation(layer))
         batch, channels = activations.shape[:2]
         spec = model.config.input
-        x = torch.from_numpy(x_np)
+        # The masked batches are made where the model runs and handed to onnxruntime there (on a GPU they
+        # never cross to the host); only their logits come back.
+        x = torch.from_numpy(x_np).to(model.device)
         probability = request.params["score"] == "probability"
 
-        def score(inputs: np.ndarray, items: np.ndarray) -> np.ndarray:
-            logits = model.logits(inputs)
+        def score(inputs: torch.Tensor, items: np.ndarray) -> np.ndarray:
+            logits = model.logits_tensor(inputs).cpu().numpy()
             if probability:
                 logits = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
             return request.objective_of(logits, items)
@@ -110,12 +112,13 @@ class ScoreCam(SaliencyMethod):
         distinct_scores = np.empty(len(distinct), dtype=np.float64)
         for start, end in _chunks(len(distinct), model.max_batch):
             items = distinct[start:end, 0].long()
-            masks = score_masks(distinct[start:end, 1:].reshape(end - start, 1, *activations.shape[2:]), spec.height, spec.width)
-            distinct_scores[start:end] = score((x[items] * masks.float()).numpy(), items.numpy())
+            rows_here = distinct[start:end, 1:].reshape(end - start, 1, *activations.shape[2:]).to(model.device)
+            masks = score_masks(rows_here, spec.height, spec.width)
+            distinct_scores[start:end] = score(x[items.to(model.device)] * masks.float(), items.numpy())
         scores[rows.numpy()] = distinct_scores[shared.numpy()]
         dead_items = torch.nonzero((~live).any(dim=1)).flatten().numpy()
         if len(dead_items):
-            blank = score(np.zeros((len(dead_items), *x_np.shape[1:]), dtype=np.float32), dead_items)
+            blank = score(x.new_zeros((len(dead_items), *x_np.shape[1:])), dead_items)
             for item, value in zip(dead_items, blank, strict=True):
                 dead = torch.nonzero(~live[item]).flatten().numpy()
                 scores[item * channels + dead] = value

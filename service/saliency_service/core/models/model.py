@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ from saliency_service.core.errors import FailedPrecondition
 from saliency_service.core.models.config import LayerSpec, ModelConfig, TokenGrid
 from saliency_service.core.models.onnx_runner import OnnxRunner
 from saliency_service.core.models.torch_runner import TorchRunner
+
+if TYPE_CHECKING:
+    from saliency_service.config import Settings
 
 PassObserver = Callable[[str, str, int], None]
 """Called as observer(model_name, "forward" | "backward", batch_size) after each pass."""
@@ -48,15 +52,40 @@ def _as_seen(spec: LayerSpec, activation: torch.Tensor) -> torch.Tensor:
     return activation if spec.tokens is None else tokens_to_grid(activation, spec.tokens)
 
 
+FLOAT16_TOLERANCE = 1e-2
+"""With `RuntimeOptions.float16`, how far the half-precision ONNX logits may stray from torch's float32 ones,
+relative to the largest logit (half precision keeps about three decimal digits, and errors add up over layers)."""
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     max_batch: int = 256
     threads: int = 0
     prefer_cuda: bool = True
+    """Run onnxruntime on its CUDA provider when it loads, and the torch program on the same GPU when torch has CUDA."""
+    float16: bool = False
+    """Run the ONNX graph in half precision (`OnnxRunner`); the torch program (gradients) stays float32."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RuntimeOptions:
+        """How the server's settings load each model: onnxruntime's batch and threads, the GPU, half precision."""
+        return cls(
+            max_batch=settings.onnx_max_batch, threads=settings.onnx_threads, prefer_cuda=settings.prefer_cuda, float16=settings.float16
+        )
+
+
+def torch_device(onnx: OnnxRunner) -> str:
+    """Where the torch program runs: on the GPU when onnxruntime runs there and this torch build has CUDA, else the CPU."""
+    return "cuda" if onnx.device == "cuda" and torch.cuda.is_available() else "cpu"
 
 
 class LoadedModel:
     """ONNX for forward passes, the torch program for gradients; both give the same logits.
+
+    On a GPU (`RuntimeOptions.prefer_cuda`) both run on it. Callers hand tensors over on the CPU as before:
+    each gradient call moves its inputs to the model's `device`, runs forward and backward there, and
+    returns its results on the device the caller's `x` was on. `logits_tensor` keeps a batch made on the
+    device there (I/O binding).
 
     Every layer activation, gradient and delta crosses this seam as B x C x h x w (`LayerSpec.shape`).
     A transformer's token layer (B x (prefix + h*w) x D in the artifacts, `LayerSpec.tokens`) is shown
@@ -85,8 +114,14 @@ class LoadedModel:
         for name in (config.onnx_file, config.torch_file):
             if not (folder / name).is_file():
                 raise FailedPrecondition("MODEL_FILE_MISSING", f"{folder / name} does not exist", {"path": str(folder / name)})
-        onnx = OnnxRunner(folder / config.onnx_file, max_batch=options.max_batch, threads=options.threads, prefer_cuda=options.prefer_cuda)
-        program = TorchRunner(folder / config.torch_file, [layer.raw_shape for layer in config.layers])
+        onnx = OnnxRunner(
+            folder / config.onnx_file,
+            max_batch=options.max_batch,
+            threads=options.threads,
+            prefer_cuda=options.prefer_cuda,
+            float16=options.float16,
+        )
+        program = TorchRunner(folder / config.torch_file, [layer.raw_shape for layer in config.layers], device=torch_device(onnx))
         model = cls(config, onnx, program, observer, folder)
         model.check_agreement()
         return model
@@ -94,6 +129,11 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def device(self) -> torch.device:
+        """Where the torch program runs and `logits_tensor` works: the GPU both runtimes share, else the CPU."""
+        return self.program.device
 
     @property
     def max_batch(self) -> int:
@@ -107,7 +147,7 @@ class LoadedModel:
         try:
             outputs = self.onnx.run(x, [self.config.onnx_logits_output, *(layer.onnx_output for layer in self.config.layers)])
             with torch.no_grad():
-                torch_logits, activations = self.program.forward(torch.from_numpy(x), self.program.zero_probes(batch))
+                torch_logits, activations = self.program.forward(torch.from_numpy(x).to(self.device), self.program.zero_probes(batch))
         except Exception as exc:
             raise FailedPrecondition(
                 "MODEL_RUN_FAILED", f"model '{self.name}' failed on a test input: {exc}", {"model": self.name}
@@ -124,11 +164,15 @@ class LoadedModel:
                 raise FailedPrecondition(
                     "MODEL_OUTPUT_MISMATCH", f"layer '{layer.name}' shape differs from its config {layer.raw_shape}", {"model": self.name}
                 )
-        difference = float(np.abs(onnx_logits - torch_logits.numpy()).max())
-        if difference > self.config.logits_tolerance:
+        reference = torch_logits.cpu().numpy()
+        difference = float(np.abs(onnx_logits - reference).max())
+        tolerance = self.config.logits_tolerance
+        if self.onnx.float16:
+            tolerance = max(tolerance, FLOAT16_TOLERANCE * float(np.abs(reference).max()))
+        if difference > tolerance:
             raise FailedPrecondition(
                 "ARTIFACTS_DISAGREE",
-                f"model '{self.name}': ONNX and torch logits differ by {difference:.3g} (> {self.config.logits_tolerance})",
+                f"model '{self.name}': ONNX and torch logits differ by {difference:.3g} (> {tolerance:.3g})",
                 {"model": self.name, "difference": difference},
             )
         return difference
@@ -156,6 +200,12 @@ class LoadedModel:
         self._observe(self.name, "forward", len(x))
         return logits
 
+    def logits_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """`logits` for a normalised N x C x H x W tensor, as a float32 tensor on `x`'s device (onnxruntime I/O binding)."""
+        (logits,) = self.onnx.run_tensors(x, [self.config.onnx_logits_output], [(self.config.num_classes,)])
+        self._observe(self.name, "forward", len(x))
+        return logits
+
     def forward(self, x: np.ndarray, layers: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits and the activations of the named declared layers, each B x C x h x w (token layers reshaped)."""
         specs = [self.config.layer(name) for name in layers]
@@ -167,6 +217,8 @@ class LoadedModel:
 
     def input_gradient(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and d(sum_b sum_k weights[b,k] * logits[b,k]) / dx, in chunks of max_batch."""
+        origin = x.device
+        x, weights = x.to(self.device), weights.to(self.device)
         logits_parts, grad_parts = [], []
         step = self.max_batch
         for start in range(0, len(x), step):
@@ -177,7 +229,7 @@ class LoadedModel:
             self._observe(self.name, "backward", len(xs))
             logits_parts.append(logits.detach())
             grad_parts.append(grad)
-        return torch.cat(logits_parts), torch.cat(grad_parts)
+        return torch.cat(logits_parts).to(origin), torch.cat(grad_parts).to(origin)
 
     def has_head(self, layer: str) -> bool:
         """Whether torch can differentiate from this layer's activation without the trunk (`TorchRunner.head`)."""
@@ -201,15 +253,16 @@ class LoadedModel:
         logits_parts, grad_parts = [], []
         step = self.max_batch
         seen = torch.from_numpy(np.ascontiguousarray(activation, dtype=np.float32))
+        on_device, weights = seen.to(self.device), weights.to(self.device)
         for start in range(0, len(seen), step):
-            part = seen[start : start + step].clone().requires_grad_(True)
+            part = on_device[start : start + step].clone().requires_grad_(True)
             with torch.enable_grad():
                 logits = self.program.run_head(head, part)
                 (grad,) = torch.autograd.grad((logits * weights[start : start + step]).sum(), part)
             self._observe(self.name, "backward", len(part))
             logits_parts.append(logits.detach())
             grad_parts.append(grad)
-        return torch.cat(logits_parts), seen, torch.cat(grad_parts)
+        return torch.cat(logits_parts).to(x.device), seen.to(x.device), torch.cat(grad_parts).to(x.device)
 
     def layers_gradient(
         self, x: torch.Tensor, weights: torch.Tensor, layers: Sequence[str], deltas: Mapping[str, torch.Tensor] | None = None
@@ -221,7 +274,9 @@ class LoadedModel:
         the activations returned are the unmoved ones.
         """
         specs = [self.config.layer(layer) for layer in layers]
-        deltas = deltas or {}
+        origin = x.device
+        x, weights = x.to(self.device), weights.to(self.device)
+        deltas = {name: delta.to(self.device) for name, delta in (deltas or {}).items()}
         logits_parts: list[torch.Tensor] = []
         act_parts: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in specs}
         grad_parts: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in specs}
@@ -244,9 +299,9 @@ class LoadedModel:
                 act_parts[spec.name].append(_as_seen(spec, activation))
                 grad_parts[spec.name].append(_as_seen(spec, grad))
         return (
-            torch.cat(logits_parts),
-            {name: torch.cat(parts) for name, parts in act_parts.items()},
-            {name: torch.cat(parts) for name, parts in grad_parts.items()},
+            torch.cat(logits_parts).to(origin),
+            {name: torch.cat(parts).to(origin) for name, parts in act_parts.items()},
+            {name: torch.cat(parts).to(origin) for name, parts in grad_parts.items()},
         )
 
     def logits_with_delta(self, x: torch.Tensor, layer: str, delta: torch.Tensor) -> torch.Tensor:
@@ -258,6 +313,8 @@ class LoadedModel:
         """
         spec = self.config.layer(layer)
         index = spec.probe_index
+        origin = x.device
+        x, delta = x.to(self.device), delta.to(self.device)
         parts = []
         step = self.max_batch
         with torch.no_grad():
@@ -269,7 +326,7 @@ class LoadedModel:
                 logits, _ = self.program.forward(xs, probes)
                 self._observe(self.name, "forward", len(xs))
                 parts.append(logits)
-        return torch.cat(parts)
+        return torch.cat(parts).to(origin)
 
     def run_onnx(self, x: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
         """The ONNX graph's named outputs as they are (no reshaping), for the Open Inference Protocol."""
@@ -291,17 +348,20 @@ class _TorchForwardModel(LoadedModel):
         step = self.max_batch
         with torch.no_grad():
             for start in range(0, len(x), step):
-                xs = torch.from_numpy(np.ascontiguousarray(x[start : start + step], dtype=np.float32))
+                xs = torch.from_numpy(np.ascontiguousarray(x[start : start + step], dtype=np.float32)).to(self.device)
                 logits, activations = self.program.forward(xs, self.program.zero_probes(len(xs)))
                 for j, name in enumerate(outputs):
                     value = logits if name == self.config.onnx_logits_output else activations[by_name[name]]
-                    parts[j].append(value.numpy())
+                    parts[j].append(value.cpu().numpy())
         return [np.concatenate(chunks) for chunks in parts]
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         (logits,) = self._outputs(x, [self.config.onnx_logits_output])
         self._observe(self.name, "forward", len(x))
         return logits
+
+    def logits_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.logits(x.detach().cpu().numpy())).to(x.device)
 
     def forward(self, x: np.ndarray, layers: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         specs = [self.config.layer(name) for name in layers]

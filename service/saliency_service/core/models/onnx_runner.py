@@ -1,4 +1,15 @@
-"""Forward passes through onnxruntime, CUDA when it loads, CPU otherwise."""
+"""Forward passes through onnxruntime, CUDA when it loads, CPU otherwise.
+
+Two ways in. `run` takes and returns numpy arrays (host memory). `run_tensors` takes a torch tensor and
+returns torch tensors on that tensor's device through onnxruntime's I/O binding: the input is read where
+it lies and every output is written straight into a torch tensor, so on CUDA a batch made on the GPU
+(Score-CAM's masked images) and its logits never cross to the host. On the CPU the same binding reads
+and writes the torch tensors' own memory.
+
+`float16` converts the graph's weights and arithmetic to half precision when the session is made
+(onnxruntime's own converter, inputs and outputs kept float32); where a provider has no half-precision
+kernel for an op (most of the CPU provider's), onnxruntime casts around it and runs the float32 kernel.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +18,24 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
 from saliency_service.core.errors import FailedPrecondition
 
 
-class OnnxRunner:
-    """One onnxruntime session; `run` splits large batches into chunks of `max_batch`."""
+def float16_graph(path: Path) -> bytes:
+    """The ONNX model at `path` with float32 weights and activations turned to float16; its inputs and outputs stay float32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    def __init__(self, path: Path, *, max_batch: int = 256, threads: int = 0, prefer_cuda: bool = True) -> None:
+    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+    return bytes(model.SerializeToString())
+
+
+class OnnxRunner:
+    """One onnxruntime session; both ways in split large batches into chunks of `max_batch`."""
+
+    def __init__(self, path: Path, *, max_batch: int = 256, threads: int = 0, prefer_cuda: bool = True, float16: bool = False) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
@@ -26,13 +47,15 @@ class OnnxRunner:
         if prefer_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            graph: str | bytes = float16_graph(path) if float16 else str(path)
+            self.session = ort.InferenceSession(graph, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise FailedPrecondition("ONNX_LOAD_FAILED", f"cannot load ONNX model {path}: {exc}", {"path": str(path)}) from None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [output.name for output in self.session.get_outputs()]
         self.providers = self.session.get_providers()
         self.max_batch = max_batch
+        self.float16 = float16
 
     @property
     def device(self) -> str:
@@ -45,3 +68,30 @@ class OnnxRunner:
             return list(self.session.run(list(outputs), {self.input_name: x}))
         chunks = [self.session.run(list(outputs), {self.input_name: x[i : i + self.max_batch]}) for i in range(0, len(x), self.max_batch)]
         return [np.concatenate([chunk[j] for chunk in chunks]) for j in range(len(outputs))]
+
+    def run_tensors(self, x: torch.Tensor, outputs: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+        """The named outputs for a float32 N x C x H x W tensor, as float32 tensors on `x`'s device (I/O binding).
+
+        `shapes` gives each output's shape after the batch dimension (the model config knows them).
+        """
+        if len(outputs) != len(shapes):
+            raise ValueError(f"{len(outputs)} outputs but {len(shapes)} shapes")
+        x = x.detach().to(torch.float32).contiguous()
+        results = [torch.empty((len(x), *shape), dtype=torch.float32, device=x.device) for shape in shapes]
+        if x.device.type == "cuda":
+            # onnxruntime reads the input on its own stream: whatever torch queued to make it must be done.
+            torch.cuda.current_stream(x.device).synchronize()
+        for start in range(0, len(x), self.max_batch):
+            part = x[start : start + self.max_batch]
+            binding = self.session.io_binding()
+            binding.bind_input(self.input_name, *_where(part), np.float32, tuple(part.shape), part.data_ptr())
+            for name, result in zip(outputs, results, strict=True):
+                out = result[start : start + len(part)]
+                binding.bind_output(name, *_where(out), np.float32, tuple(out.shape), out.data_ptr())
+            self.session.run_with_iobinding(binding)
+        return results
+
+
+def _where(tensor: torch.Tensor) -> tuple[str, int]:
+    """onnxruntime's (device type, device id) for a torch tensor's memory."""
+    return tensor.device.type, tensor.device.index or 0

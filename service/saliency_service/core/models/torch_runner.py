@@ -73,7 +73,7 @@ class TorchRunner:
             parameter.requires_grad_(False)
         self.module = module.to(device)
         self.fast, self._channels_last = inference_program(self.module)
-        self.device = device
+        self.device = torch.device(device)
         self.layer_shapes = [tuple(shape) for shape in layer_shapes]
         self._heads: dict[int, torch.fx.GraphModule | None] = {}
 
