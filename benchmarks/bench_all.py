@@ -336,7 +336,7 @@ def _bench_metric(
     images = len(x) * (steps + 1)
     # The floor: onnxruntime on that many images, in batches as large as the metric's, timed alternately with the
     # metric so that load from other processes falls on both alike.
-    chunk = min(images, args.max_batch)
+    chunk = min(images, model.max_batch)
     probe = np.random.default_rng(1).standard_normal((chunk, 3, spec.height, spec.width)).astype(np.float32)
 
     def floor_run() -> None:

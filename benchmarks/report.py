@@ -120,7 +120,8 @@ def render(report: Report, args: argparse.Namespace, load: tuple[float, float], 
     lines += [
         "",
         "Score metrics: one pixel row per step (224 steps on 224 px, 128 on `shapes`), a random map; the floor is onnxruntime "
-        f"on the same number of images in batches of {args.max_batch}.",
+        f"on the same number of images in the model's passes (at most {args.max_batch} images, fewer where a pass would not "
+        "fit the memory budget: see the README's Configuration).",
         "",
         "| model | batch | metric | steps | seconds | x its forward passes |",
         "|---|---|---|---|---|---|",

@@ -31,6 +31,10 @@ class Settings:
     onnx_threads: int = 0
     """0: onnxruntime's default."""
     onnx_max_batch: int = 256
+    """Items per forward or backward pass at most; lowered per model until a pass fits pass_memory_mb."""
+    pass_memory_mb: int = 0
+    """Memory one forward or backward pass may use, in MiB; 0: a quarter of what the process may use (its cgroup
+    limit, else the machine's RAM), or of the GPU's. A batch larger than fits is split into passes that fit."""
     prefer_cuda: bool = True
     """onnxruntime on its CUDA provider when that loads, and the torch program on the same GPU when torch has CUDA."""
     float16: bool = False
@@ -98,6 +102,7 @@ _RANGES: tuple[tuple[str, float, float], ...] = (
     ("torch_threads", 0, _NO_MAX),
     ("onnx_threads", 0, _NO_MAX),
     ("onnx_max_batch", 1, _NO_MAX),
+    ("pass_memory_mb", 0, _NO_MAX),
     ("max_message_bytes", 1, _NO_MAX),
     ("max_batch_images", 1, _NO_MAX),
     ("max_image_pixels", 1, _NO_MAX),

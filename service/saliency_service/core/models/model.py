@@ -12,6 +12,7 @@ import torch
 
 from saliency_service.core.errors import FailedPrecondition
 from saliency_service.core.models.config import LayerSpec, ModelConfig, TokenGrid
+from saliency_service.core.models.memory import activation_bytes, default_budget, fitted_batch
 from saliency_service.core.models.onnx_runner import OnnxRunner
 from saliency_service.core.models.torch_runner import TorchRunner
 
@@ -65,12 +66,19 @@ class RuntimeOptions:
     """Run onnxruntime on its CUDA provider when it loads, and the torch program on the same GPU when torch has CUDA."""
     float16: bool = False
     """Run the ONNX graph in half precision (`OnnxRunner`); the torch program (gradients) stays float32."""
+    pass_memory_bytes: int = 0
+    """Memory one pass may use; `max_batch` is lowered at load until a pass fits (`memory.py`). 0: a quarter of the
+    memory the process may use, or of the GPU's."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RuntimeOptions:
         """How the server's settings load each model: onnxruntime's batch and threads, the GPU, half precision."""
         return cls(
-            max_batch=settings.onnx_max_batch, threads=settings.onnx_threads, prefer_cuda=settings.prefer_cuda, float16=settings.float16
+            max_batch=settings.onnx_max_batch,
+            threads=settings.onnx_threads,
+            prefer_cuda=settings.prefer_cuda,
+            float16=settings.float16,
+            pass_memory_bytes=settings.pass_memory_mb * 2**20,
         )
 
 
@@ -107,6 +115,10 @@ class LoadedModel:
         self.folder = folder
         """The model's folder in the repository, where per-model method data (e.g. LP-CAM prototypes) lives."""
         self._observe = observer or (lambda model, kind, batch: None)
+        self.item_bytes = 0
+        """Bytes of the tensors one item's torch forward makes (`fit_passes`); 0 until measured."""
+        self.pass_budget = 0
+        """Memory one pass may use (`fit_passes`); 0 until set."""
 
     @classmethod
     def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), observer: PassObserver | None = None) -> LoadedModel:
@@ -124,6 +136,7 @@ class LoadedModel:
         program = TorchRunner(folder / config.torch_file, [layer.raw_shape for layer in config.layers], device=torch_device(onnx))
         model = cls(config, onnx, program, observer, folder)
         model.check_agreement()
+        model.fit_passes(options.max_batch, options.pass_memory_bytes)
         return model
 
     @property
@@ -138,6 +151,19 @@ class LoadedModel:
     @property
     def max_batch(self) -> int:
         """Items per forward or backward pass; larger batches are split into chunks of this size."""
+        return self.onnx.max_batch
+
+    def fit_passes(self, max_batch: int, budget: int = 0) -> int:
+        """Set `max_batch` to the largest chunk, at most `max_batch`, whose pass fits `budget` bytes (0: the default).
+
+        One item's torch forward is watched for the tensors it makes (`memory.activation_bytes`); a pass of n items
+        is taken to need `memory.PASS_OVERHEAD` x n x that. Returns the chunk size.
+        """
+        spec = self.config.input
+        x = torch.zeros((1, spec.channels, spec.height, spec.width), device=self.device)
+        self.item_bytes = activation_bytes(lambda one: self.program.forward(one, self.program.zero_probes(1)), x)
+        self.pass_budget = budget or default_budget(self.device)
+        self.onnx.max_batch = fitted_batch(max_batch, self.pass_budget, self.item_bytes)
         return self.onnx.max_batch
 
     def check_agreement(self, batch: int = 2, seed: int = 0) -> float:

@@ -13,14 +13,20 @@ kernel for an op (most of the CPU provider's), onnxruntime casts around it and r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from saliency_service.core.errors import FailedPrecondition
+from saliency_service.core.errors import FailedPrecondition, ResourceExhausted
+from saliency_service.core.models.memory import is_out_of_memory
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def float16_graph(path: Path) -> bytes:
@@ -33,7 +39,10 @@ def float16_graph(path: Path) -> bytes:
 
 
 class OnnxRunner:
-    """One onnxruntime session; both ways in split large batches into chunks of `max_batch`."""
+    """One onnxruntime session; both ways in split large batches into chunks of `max_batch`.
+
+    A chunk that runs out of memory is halved, for this call and the ones after, and run again (`_chunked`).
+    """
 
     def __init__(self, path: Path, *, max_batch: int = 256, threads: int = 0, prefer_cuda: bool = True, float16: bool = False) -> None:
         options = ort.SessionOptions()
@@ -64,9 +73,9 @@ class OnnxRunner:
     def run(self, x: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
         """Run the graph on a float32 N x C x H x W batch and return the named outputs."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if len(x) <= self.max_batch:
-            return list(self.session.run(list(outputs), {self.input_name: x}))
-        chunks = [self.session.run(list(outputs), {self.input_name: x[i : i + self.max_batch]}) for i in range(0, len(x), self.max_batch)]
+        chunks = self._chunked(len(x), lambda start, end: self.session.run(list(outputs), {self.input_name: x[start:end]}))
+        if len(chunks) == 1:
+            return list(chunks[0])
         return [np.concatenate([chunk[j] for chunk in chunks]) for j in range(len(outputs))]
 
     def run_tensors(self, x: torch.Tensor, outputs: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
@@ -81,14 +90,43 @@ class OnnxRunner:
         if x.device.type == "cuda":
             # onnxruntime reads the input on its own stream: whatever torch queued to make it must be done.
             torch.cuda.current_stream(x.device).synchronize()
-        for start in range(0, len(x), self.max_batch):
-            part = x[start : start + self.max_batch]
+
+        def run_chunk(start: int, end: int) -> None:
+            part = x[start:end]
             binding = self.session.io_binding()
             binding.bind_input(self.input_name, *_where(part), np.float32, tuple(part.shape), part.data_ptr())
             for name, result in zip(outputs, results, strict=True):
-                out = result[start : start + len(part)]
+                out = result[start:end]
                 binding.bind_output(name, *_where(out), np.float32, tuple(out.shape), out.data_ptr())
             self.session.run_with_iobinding(binding)
+
+        self._chunked(len(x), run_chunk)
+        return results
+
+    def _chunked(self, total: int, run_chunk: Callable[[int, int], T]) -> list[T]:
+        """`run_chunk(start, end)` over items [0, total) in chunks of `max_batch`, in order.
+
+        When a chunk runs out of memory, `max_batch` becomes half that chunk, rounded up (later calls keep it), and the chunk
+        runs again in halves; a single item that does not fit is RESOURCE_EXHAUSTED.
+        """
+        results: list[T] = []
+        start = 0
+        while start < total:
+            end = min(start + self.max_batch, total)
+            try:
+                results.append(run_chunk(start, end))
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                if end - start == 1:
+                    raise ResourceExhausted(
+                        "OUT_OF_MEMORY",
+                        f"one item does not fit in memory for this model's forward pass ({exc}); free memory on the server or give it more",
+                    ) from None
+                self.max_batch = (end - start + 1) // 2
+                log.warning("onnxruntime ran out of memory on %d items; passes now take at most %d", end - start, self.max_batch)
+                continue
+            start = end
         return results
 
 

@@ -56,7 +56,15 @@ class ModelRepository:
             except SaliencyError:
                 pass
             return ModelStatus(name, False, exc.message, None, config)
-        log.info("model %s version %s ready (onnxruntime on %s)", name, model.config.version, model.onnx.device)
+        log.info(
+            "model %s version %s ready (onnxruntime on %s; passes of at most %d items: %.1f MiB of activations per item, %.0f MiB a pass)",
+            name,
+            model.config.version,
+            model.onnx.device,
+            model.max_batch,
+            model.item_bytes / 2**20,
+            model.pass_budget / 2**20,
+        )
         return ModelStatus(name, True, "", model, model.config)
 
     def statuses(self) -> list[ModelStatus]:
