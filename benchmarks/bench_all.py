@@ -49,7 +49,7 @@ import torch
 from benchmarks import peers as peer_library
 from benchmarks import resnet
 from benchmarks.measure import measure, measure_alternating
-from benchmarks.report import SETTLE_SECONDS, THROUGHPUT_ROUNDS, Report, Row, render
+from benchmarks.report import SETTLE_SECONDS, STREAM_BLOCK, STREAM_ROUNDS, THROUGHPUT_ROUNDS, CallTimes, GrpcTiming, Report, Row, render
 from tests.e2e.test_serve_process import _free_port, _wait_serving
 
 from saliency_service.config import EMBEDDED_REPOSITORY, ENV_PREFIX
@@ -399,27 +399,16 @@ def bench_grpc(
                 engine.explain(job)
                 client.explain(name, images, method="grad_cam")
                 x = normalised(model, images)
-                local, remote, forward = [], [], []
-                # Alternate the three (the forward pass too, the unit of "x fwd") so that load from other processes and
-                # the server's own threads fall on all alike.
-                # A short pause before each: torch's OpenMP threads spin for some milliseconds after their work, in
-                # this process or the server's, and would otherwise take the cores from whichever call comes next.
+                # The forward pass (the unit of "x fwd"), Explain in-process and Explain through gRPC, timed two ways:
+                # - a stream: blocks of STREAM_BLOCK calls, each sent when the last returns (as Triton's perf_analyzer
+                #   times concurrency 1), the three's blocks alternated for STREAM_ROUNDS rounds;
+                # - after idle: one call of each in turn, each after a SETTLE_SECONDS pause, so that every thread of
+                #   both processes has gone to sleep (and one's spinning OpenMP threads cannot slow the next).
                 # The server's own timed work per call (decode, predict, attribute: provenance.timings_ms) is kept too:
                 # the wall time beyond it is what gRPC itself costs, whatever the speed of either process at the time.
-                served: list[float] = []
-                calls = (
-                    (forward, partial(model.logits, x)),
-                    (local, partial(engine.explain, job)),
-                    (remote, partial(_explain_remote, client, name, images, served)),
-                )
-                for _ in range(max(30, 4 * args.repeats)):
-                    for times, call in calls:
-                        time.sleep(SETTLE_SECONDS)
-                        start = time.perf_counter()
-                        call()
-                        times.append(time.perf_counter() - start)
-                cost = statistics.median(wall - work for wall, work in zip(remote, served, strict=True))
-                report.grpc.append((name, batch, statistics.median(local), statistics.median(remote), statistics.median(forward), cost))
+                stream = _alternated(model, engine, client, job, x, images, rounds=STREAM_ROUNDS, block=STREAM_BLOCK, pause=0.0)
+                idle = _alternated(model, engine, client, job, x, images, rounds=max(20, 4 * args.repeats), block=1, pause=SETTLE_SECONDS)
+                report.grpc.append(GrpcTiming(name, batch, stream, idle))
         for name, model in models.items():
             print(f"concurrency {name} ...", file=sys.stderr, flush=True)
             image = images_for(name, model, 1)
@@ -429,6 +418,41 @@ def bench_grpc(
                 one.append(_throughput(address, name, image, 1, total))
                 eight.append(_throughput(address, name, image, 8, total))
             report.concurrency.append((name, statistics.median(one), statistics.median(eight)))
+
+
+def _alternated(
+    model: LoadedModel,
+    engine: Engine,
+    client: Any,
+    job: ExplainJob,
+    x: np.ndarray,
+    images: list[np.ndarray],
+    *,
+    rounds: int,
+    block: int,
+    pause: float,
+) -> CallTimes:
+    """p50s of the forward pass, Explain in-process and through gRPC: `rounds` rounds of `block` calls of each in turn,
+    `pause` seconds before every call; and gRPC's own cost (wall time minus the server's timed work), p50."""
+    local: list[float] = []
+    remote: list[float] = []
+    forward: list[float] = []
+    served: list[float] = []
+    calls = (
+        (forward, partial(model.logits, x)),
+        (local, partial(engine.explain, job)),
+        (remote, partial(_explain_remote, client, job.model, images, served)),
+    )
+    for _ in range(rounds):
+        for times, call in calls:
+            for _ in range(block):
+                if pause:
+                    time.sleep(pause)
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+    cost = statistics.median(wall - work for wall, work in zip(remote, served, strict=True))
+    return CallTimes(statistics.median(local), statistics.median(remote), statistics.median(forward), cost, len(remote))
 
 
 def _explain_remote(client: Any, model: str, images: list[np.ndarray], served: list[float]) -> None:
