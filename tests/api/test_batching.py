@@ -171,6 +171,43 @@ def test_a_due_group_waits_for_a_free_worker_and_gathers_the_requests_that_come_
         np.testing.assert_allclose(outcome[0].saliency, _alone(batching_server, image, "grad_cam"), rtol=1e-4, atol=1e-5)  # type: ignore[index]
 
 
+def test_a_due_group_keeps_its_place_in_the_queue_ahead_of_later_jobs(batching_server: RunningServer) -> None:
+    """A group whose delay has passed waits in the pool's queue like any job: a Score that comes later runs after it,
+    and an Explain that comes before a worker frees still joins it."""
+    delay = DELAY_US / 1e6
+    engine = _CountingEngine(batching_server.server.engine)
+    images = _images(2)
+    release = threading.Event()
+    order: list[str] = []
+
+    class Recording(_CountingEngine):
+        def explain(self, job: ExplainJob) -> list[object]:
+            order.append(f"explain {len(job.images)}")
+            return super().explain(job)
+
+    recording = Recording(engine.engine)
+
+    async def scenario() -> list[object]:
+        with ThreadPoolExecutor(1) as executor:
+            pool = WorkPool(executor, workers=1, max_queue=8)
+            batcher = ExplainBatcher(recording, pool)  # type: ignore[arg-type]
+            blocker = asyncio.ensure_future(pool.run("Block", release.wait))
+            first = asyncio.ensure_future(batcher.explain(ExplainJob("batched", [_raw(images[0])], "grad_cam")))
+            await asyncio.sleep(1.5 * delay)  # the group is due: in the queue behind the blocker
+            score = asyncio.ensure_future(pool.run("Score", lambda: order.append("score")))
+            await asyncio.sleep(0.05)
+            second = asyncio.ensure_future(batcher.explain(ExplainJob("batched", [_raw(images[1])], "grad_cam")))
+            await asyncio.sleep(0.05)
+            release.set()
+            await asyncio.gather(blocker, score)
+            return list(await asyncio.gather(first, second))
+
+    outcomes = asyncio.run(scenario())
+    assert order == ["explain 2", "score"], "first in, first out; and the waiting group took the later Explain in"
+    for image, outcome in zip(images, outcomes, strict=True):
+        np.testing.assert_allclose(outcome[0].saliency, _alone(batching_server, image, "grad_cam"), rtol=1e-4, atol=1e-5)  # type: ignore[index]
+
+
 def test_a_due_group_goes_at_once_when_a_worker_is_free(batching_server: RunningServer) -> None:
     engine = _CountingEngine(batching_server.server.engine)
     (image,) = _images(1)

@@ -67,11 +67,6 @@ class WorkPool:
         self._outstanding = 0
         self._waiting = 0  # reservations not yet sent to a worker
         self._lock = threading.Lock()
-        self._listeners: list[Callable[[], None]] = []
-
-    def on_release(self, listener: Callable[[], None]) -> None:
-        """Call `listener` on the event loop each time a job ends and its worker is free again."""
-        self._listeners.append(listener)
 
     @property
     def capacity(self) -> int:
@@ -109,15 +104,6 @@ class WorkPool:
         with self._lock:
             self._outstanding -= 1
 
-    def _ended(self, loop: asyncio.AbstractEventLoop) -> None:
-        """A job ended (in its worker thread, or on the loop when it was dropped from the queue)."""
-        self._release()
-        for listener in self._listeners:
-            try:
-                loop.call_soon_threadsafe(listener)
-            except RuntimeError:  # the loop has closed: nobody is left to wait for a worker
-                return
-
     async def run(
         self,
         rpc: str,
@@ -136,7 +122,6 @@ class WorkPool:
             self._admit()
         else:
             reservation.hand_to_job()
-        loop = asyncio.get_running_loop()
         if requests == 1:  # the batcher counts merged requests one by one
             metrics.REQUEST_IMAGES.labels(rpc).observe(images)
         remaining = context.time_remaining() if context is not None else None
@@ -154,7 +139,7 @@ class WorkPool:
             self._release()
             raise
         # Released when the job really ends (or is dropped from the queue), not when the caller goes away.
-        future.add_done_callback(lambda _: self._ended(loop))
+        future.add_done_callback(lambda _: self._release())
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:

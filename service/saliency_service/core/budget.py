@@ -67,6 +67,12 @@ def budget_scope(budget: RequestBudget) -> Iterator[RequestBudget]:
         _local.budget = previous
 
 
+def current_budget() -> RequestBudget | None:
+    """The budget of the request running on this thread, or None outside a request."""
+    budget: RequestBudget | None = getattr(_local, "budget", None)
+    return budget
+
+
 def charge_current(items: int) -> None:
     """Charge a pass to the current thread's budget, if it has one (work outside a request has none)."""
     budget: RequestBudget | None = getattr(_local, "budget", None)
