@@ -46,12 +46,26 @@ def test_the_head_gradient_equals_the_full_programs(shapes: LoadedModel, x: torc
     weights = torch.zeros((len(x), shapes.config.num_classes))
     weights[:, 2] = 1.0
     weights[0, 4] = -1.0  # a contrastive row too
-    full_logits, full_activation, full_gradient = shapes.layer_gradient(x, weights, "layer3")
+    full_logits, full_activations, full_gradients = shapes.layers_gradient(x, weights, ["layer3"])
     _, onnx_activations = shapes.forward(x.numpy(), ["layer3"])
     logits, activation, gradient = shapes.layer_gradient(x, weights, "layer3", onnx_activations["layer3"])
-    torch.testing.assert_close(activation, full_activation, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(activation, full_activations["layer3"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits, full_logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(gradient, full_gradient, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gradient, full_gradients["layer3"], rtol=1e-4, atol=1e-6)
+
+
+def test_without_an_activation_the_trunk_runs_in_onnxruntime(shapes: LoadedModel, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = torch.zeros((len(x), shapes.config.num_classes))
+    weights[:, 1] = 1.0
+    _, full_activations, full_gradients = shapes.layers_gradient(x, weights, ["layer3"])
+
+    def no_trunk(*args: object) -> None:
+        raise AssertionError("the whole torch program ran")
+
+    monkeypatch.setattr(shapes.program, "forward", no_trunk)
+    _, activation, gradient = shapes.layer_gradient(x, weights, "layer3")
+    torch.testing.assert_close(activation, full_activations["layer3"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gradient, full_gradients["layer3"], rtol=1e-4, atol=1e-6)
 
 
 def test_the_engine_runs_grad_cam_without_the_trunk_in_torch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -269,8 +269,14 @@ class LoadedModel:
 
         With `activation` (the layer's output for `x` from an onnxruntime pass, as `forward` returns it) and
         a layer that has a head (only the rest of the network after it, see `TorchRunner.head`), torch runs
-        only that head, forward and backward: no second pass through the trunk.
+        only that head, forward and backward: no second pass through the trunk. Without `activation`, a layer
+        with a head gets it from an onnxruntime pass first: a trunk forward with no autograd tape, and on this
+        CPU faster than torch's (measured on ResNet-18 at batch 1: Grad-CAM 1.3x the forward pass this way,
+        2.5x through torch's trunk).
         """
+        if activation is None and self.has_head(layer):
+            _, outputs = self.forward(x.detach().cpu().numpy(), [layer])
+            activation = outputs[layer]
         if activation is None or len(activation) != len(x) or not self.has_head(layer):
             logits, activations, gradients = self.layers_gradient(x, weights, [layer])
             return logits, activations[layer], gradients[layer]
