@@ -266,15 +266,17 @@ def bench_suite(
     # predicted by some image (shapes, batch 8), contrastive metrics explain class 0 against class 1 for all.
     free = set(range(model.config.num_classes)) - {int(t) for t in targets}
     foil, foil_target = (min(free), None) if free else (1, 0)
-    metric_peers = peer_library.metric_peers(
-        module,
-        torch.from_numpy(x),
-        torch.from_numpy(targets),
-        torch.from_numpy(maps),
-        torch.from_numpy(masks),
-        args.max_batch,
-        str(args.device),
-    )
+    metric_peers: list[peer_library.MetricPeer] = []
+    if not args.no_quantus:
+        metric_peers = peer_library.metric_peers(
+            module,
+            torch.from_numpy(x),
+            torch.from_numpy(targets),
+            torch.from_numpy(maps),
+            torch.from_numpy(masks),
+            args.max_batch,
+            str(args.device),
+        )
     for metric_name in METRICS.names():
         if not chosen(args.metrics, metric_name):
             continue
@@ -535,6 +537,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64, help="images per forward/backward pass (the server's onnx_max_batch)")
     parser.add_argument("--repository", type=Path, default=None, help="keep the exported models here and reuse them (default: a temp dir)")
     parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC and concurrency part")
+    parser.add_argument("--no-quantus", action="store_true", help="time our Score metrics without Quantus beside them")
     parser.add_argument("--profile", action="store_true", help="profile Explain grad_cam, lrp (largest model), score_cam (resnet18)")
     parser.add_argument("--out", type=Path, default=None, help="append the dated section to this markdown file")
     parser.add_argument("--gpu", action="store_true", help="onnxruntime's CUDA provider and torch on the GPU, ours and the peers'")
