@@ -54,7 +54,6 @@ class _Group:
     images: int = 0
     timer: asyncio.TimerHandle | None = None
     task: asyncio.Task[None] | None = None  # set once the group is in the pool's queue
-    closed: bool = False  # no request joins any more: it is full, or a worker has taken it
 
 
 def _key(job: ExplainJob) -> str:
@@ -126,8 +125,7 @@ class ExplainBatcher:
             raise
 
     def _close(self, group: _Group) -> None:
-        """No request joins `group` from now on (call with the lock held)."""
-        group.closed = True
+        """No request joins `group` from now on: it is full, or a worker has taken it (call with the lock held)."""
         if self._open.get(group.key) is group:
             del self._open[group.key]
 

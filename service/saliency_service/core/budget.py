@@ -75,6 +75,6 @@ def current_budget() -> RequestBudget | None:
 
 def charge_current(items: int) -> None:
     """Charge a pass to the current thread's budget, if it has one (work outside a request has none)."""
-    budget: RequestBudget | None = getattr(_local, "budget", None)
+    budget = current_budget()
     if budget is not None:
         budget.charge(items)

@@ -117,9 +117,9 @@ class LayerSpec:
 class DynamicBatching:
     """Merge concurrent Explain requests for this model that make maps the same way (Triton's names).
 
-    A request waits `max_queue_delay_microseconds` for others to join it, and longer only while every
-    worker is busy (it could not start anyway; meanwhile others still join); a merged call holds at most
-    `max_batch_size` images. Methods give each image the map it would get alone (the method
+    A request waits `max_queue_delay_microseconds` for others to join it; then its group waits its turn in
+    the worker pool's queue like any job, and others still join it until a worker takes it. A merged call
+    holds at most `max_batch_size` images. Methods give each image the map it would get alone (the method
     contract tests this), so merging changes nothing but the cost.
     """
 
