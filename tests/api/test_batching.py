@@ -159,6 +159,7 @@ def test_a_due_group_waits_for_a_free_worker_and_gathers_the_requests_that_come_
                 calls.append(asyncio.ensure_future(batcher.explain(ExplainJob("batched", [tensor], "grad_cam"))))
                 if index < len(raw) - 1:
                     await asyncio.sleep(1.5 * delay)  # the open group is due before the next request comes
+            await asyncio.sleep(0)  # the last request joins the group before the worker frees (else the worker may win the race)
             nothing_yet = not any(call.done() for call in calls) and engine.calls == []
             release.set()
             await blocker
