@@ -95,7 +95,7 @@ def test_occlusion_matches_captum(tiny_cnn: Any, fill: str, window: int, stride:
 
     x, targets = _inputs(tiny_cnn)
     ours = _ours(tiny_cnn, "occlusion", x, targets, window=window, stride=stride, fill=fill)
-    baseline = 0.0 if fill == "zero" else torch.from_numpy(occlusion_fill(fill, x))
+    baseline = 0.0 if fill == "zero" else occlusion_fill(fill, torch.from_numpy(x))
     with torch.no_grad():
         theirs = captum_attr.Occlusion(_forward_module(tiny_cnn)).attribute(
             torch.from_numpy(x),

@@ -190,5 +190,5 @@ def gaussian_blur(x: torch.Tensor) -> torch.Tensor:
     profile = torch.exp(-(offsets**2) / (2 * BLUR_SIGMA**2))
     profile = profile / profile.sum()
     channels = x.shape[1]
-    kernel = torch.outer(profile, profile).to(x.dtype).expand(channels, 1, BLUR_SIZE, BLUR_SIZE)
+    kernel = torch.outer(profile, profile).to(x).expand(channels, 1, BLUR_SIZE, BLUR_SIZE)
     return F.conv2d(x, kernel, padding=BLUR_SIZE // 2, groups=channels)

@@ -1,8 +1,14 @@
 """The saliency-method contract: one class per method, registered under its wire id.
 
-A method holds no request state: `attribute` gets everything it needs in a `MethodInput` and
-returns one map per item at the model's input resolution. Resizing to the caller's image size,
-target resolution and timing are the engine's job.
+A method holds no request state: `maps` gets everything it needs in a `MethodInput` and returns one
+map per item at the model's input resolution. Resizing to the caller's image size, target resolution
+and timing are the engine's job.
+
+Where the model runs on a GPU, a method's tensors stay there: `MethodInput.input`, `activation_tensor`,
+`objective` and `objective_values` give them on the model's device, the gradient seam (`LoadedModel`)
+hands results back on the device of the input it was given, and `maps` may return a tensor on that
+device. `attribute` is the one place a batch of maps crosses to the host, as the float32 array the
+engine resizes and encodes.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeAlias
 
 import numpy as np
 import torch
@@ -19,12 +25,23 @@ from saliency_service.core.models.model import LoadedModel
 from saliency_service.core.params import ParamSpec, ParamValue
 from saliency_service.core.registry import Registry
 
+Maps: TypeAlias = np.ndarray | torch.Tensor
+"""B x H x W maps: a numpy array, or a tensor on any device (the model's, for methods that run in torch)."""
+
+
+def host_maps(maps: Maps) -> np.ndarray:
+    """`maps` as a float32 numpy array in host memory (a tensor is copied off its device here, once)."""
+    if isinstance(maps, torch.Tensor):
+        maps = maps.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(maps, dtype=np.float32)
+
 
 @dataclass(frozen=True)
 class MethodInput:
     model: LoadedModel
-    x: np.ndarray
-    """B x C x H x W float32, normalised as the model expects."""
+    x: np.ndarray | torch.Tensor
+    """B x C x H x W float32, normalised as the model expects: a numpy array from the engine; a tensor where a
+    method hands a batch it made on the device to another (the noise wrapper's noisy copies)."""
     targets: np.ndarray
     """B int64 class indices to explain."""
     params: Mapping[str, ParamValue]
@@ -43,33 +60,66 @@ class MethodInput:
     """Layer activations of `x` (B x C x h x w) that the engine's prediction pass already computed, for
     `LoadedModel.layer_gradient` to start from; may be empty."""
 
-    def activation(self, layer: str) -> np.ndarray:
-        """The layer's activation for `x` (B x C x h x w): from the prediction pass when the engine kept it,
-        else from one onnxruntime pass."""
+    def input(self) -> torch.Tensor:
+        """`x` as a float32 tensor on the model's device (on the CPU it may share the array's memory: do not write to it)."""
+        return torch.as_tensor(self.x, dtype=torch.float32, device=self.model.device)
+
+    def cached_activation(self, layer: str) -> np.ndarray | None:
+        """The layer's activation for `x` from the engine's prediction pass, if it kept one for this batch."""
         cached = self.activations.get(layer)
-        if cached is not None and len(cached) == len(self.x):
+        return cached if cached is not None and len(cached) == len(self.x) else None
+
+    def activation(self, layer: str) -> np.ndarray:
+        """The layer's activation for `x` (B x C x h x w) in host memory: from the prediction pass when the engine
+        kept it, else from one onnxruntime pass."""
+        cached = self.cached_activation(layer)
+        if cached is not None:
             return cached
-        _, outputs = self.model.forward(np.ascontiguousarray(self.x, dtype=np.float32), [layer])
+        _, outputs = self.model.forward(host_maps(self.x), [layer])
         return outputs[layer]
 
+    def activation_tensor(self, layer: str) -> torch.Tensor:
+        """`activation` as a float32 tensor on the model's device; an onnxruntime pass writes it there directly."""
+        cached = self.cached_activation(layer)
+        if cached is not None:
+            return torch.as_tensor(cached, dtype=torch.float32, device=self.model.device)
+        _, outputs = self.model.forward_tensors(self.input(), [layer])
+        return outputs[layer]
+
+    def layer_gradient(self, layer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, the layer's activation and the objective's gradient there, on the model's device
+        (`LoadedModel.layer_gradient`, starting from the engine's activation when it kept one)."""
+        return self.model.layer_gradient(self.input(), self.objective(), layer, self.cached_activation(layer))
+
     def objective(self) -> torch.Tensor:
-        """B x num_classes weights: +1 on each item's target logit, -1 on its foil's (the objective to differentiate)."""
-        weights = torch.zeros((len(self.targets), self.model.config.num_classes))
-        rows = torch.arange(len(self.targets))
-        weights[rows, torch.as_tensor(self.targets, dtype=torch.long)] = 1.0
+        """B x num_classes weights on the model's device: +1 on each item's target logit, -1 on its foil's (the
+        objective to differentiate)."""
+        device = self.model.device
+        weights = torch.zeros((len(self.targets), self.model.config.num_classes), device=device)
+        rows = torch.arange(len(self.targets), device=device)
+        weights[rows, torch.as_tensor(self.targets, dtype=torch.long, device=device)] = 1.0
         if self.foils is not None:
-            weights[rows, torch.as_tensor(self.foils, dtype=torch.long)] = -1.0
+            weights[rows, torch.as_tensor(self.foils, dtype=torch.long, device=device)] = -1.0
         return weights
 
-    def objective_of(self, logits: np.ndarray, items: np.ndarray | None = None) -> np.ndarray:
-        """The objective's value per row of `logits` (N x num_classes): the target logit, minus the foil's.
+    def objective_values(self, logits: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """The objective's value per row of `logits` (N x num_classes), as float64 on their device: the target
+        logit, minus the foil's.
 
         `items` maps each row to its request item (for perturbation batches); default row i is item i.
         """
-        index = np.arange(len(logits)) if items is None else np.asarray(items)
-        values: np.ndarray = logits[np.arange(len(logits)), self.targets[index]].astype(np.float64)
+        device = logits.device
+        rows = torch.arange(len(logits), device=device)
+        index = rows if items is None else torch.as_tensor(items, dtype=torch.long, device=device)
+        values = logits[rows, torch.as_tensor(self.targets, dtype=torch.long, device=device)[index]].double()
         if self.foils is not None:
-            values = values - logits[np.arange(len(logits)), self.foils[index]]
+            values = values - logits[rows, torch.as_tensor(self.foils, dtype=torch.long, device=device)[index]].double()
+        return values
+
+    def objective_of(self, logits: np.ndarray, items: np.ndarray | None = None) -> np.ndarray:
+        """`objective_values` for host arrays."""
+        rows = None if items is None else torch.as_tensor(items)
+        values: np.ndarray = self.objective_values(torch.from_numpy(np.asarray(logits)), rows).numpy()
         return values
 
 
@@ -92,9 +142,13 @@ class SaliencyMethod(ABC):
     """Whether a foil class is meaningful: False for class-agnostic methods (Eigen-CAM)."""
     params: ClassVar[tuple[ParamSpec, ...]] = ()
 
-    @abstractmethod
     def attribute(self, request: MethodInput) -> np.ndarray:
-        """Return B x H x W float32 maps at the model's input resolution."""
+        """B x H x W float32 maps at the model's input resolution, in host memory: `maps`, taken off the device."""
+        return host_maps(self.maps(request))
+
+    @abstractmethod
+    def maps(self, request: MethodInput) -> Maps:
+        """B x H x W maps at the model's input resolution; a method that runs in torch leaves them on the model's device."""
 
 
 METHODS: Registry[type[SaliencyMethod]] = Registry("method")

@@ -17,7 +17,6 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,16 +42,16 @@ def require_layer(request: MethodInput, method: str) -> str:
     return request.layer
 
 
-def postprocess_cam(maps: torch.Tensor, height: int, width: int) -> np.ndarray:
+def postprocess_cam(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """ReLU, per-item min-max (subtract min, divide by max + 1e-7), bilinear upsample (align_corners=False).
 
-    `maps` is B x h x w; returns B x height x width float32.
+    `maps` is B x h x w; returns B x height x width float32 on the same device.
     """
     maps = torch.relu(maps.float())
     maps = maps - maps.amin(dim=(1, 2), keepdim=True)
     maps = maps / (maps.amax(dim=(1, 2), keepdim=True) + MINMAX_EPS)
     upsampled = F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)
-    return upsampled[:, 0].numpy().astype(np.float32, copy=False)
+    return upsampled[:, 0]
 
 
 class CamMethod(SaliencyMethod):
@@ -61,11 +60,10 @@ class CamMethod(SaliencyMethod):
     family = "cam"
     uses_layer = True
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def maps(self, request: MethodInput) -> torch.Tensor:
         layer = require_layer(request, self.name)
-        x = torch.from_numpy(np.ascontiguousarray(request.x, dtype=np.float32))
         # One backward pass for the whole batch: items do not interact in eval mode.
-        _, activations, gradients = request.model.layer_gradient(x, request.objective(), layer, request.activations.get(layer))
+        _, activations, gradients = request.layer_gradient(layer)
         maps = self.cam_map(activations, gradients, request.params)
         spec = request.model.config.input
         return postprocess_cam(maps, spec.height, spec.width)

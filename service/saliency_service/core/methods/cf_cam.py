@@ -234,7 +234,7 @@ class CfCam(SaliencyMethod):
         ),
     )
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def maps(self, request: MethodInput) -> np.ndarray:
         layer = require_layer(request, self.name)
         params = request.params
         x = torch.from_numpy(np.ascontiguousarray(request.x, dtype=np.float32))

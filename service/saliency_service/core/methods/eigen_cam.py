@@ -4,7 +4,6 @@ and Eigen-Grad-CAM (pytorch-grad-cam, no paper): the same projection of gradient
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from saliency_service.core.methods.base import METHODS, MethodInput, SaliencyMethod
@@ -51,9 +50,9 @@ class EigenCam(SaliencyMethod):
         ),
     )
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def maps(self, request: MethodInput) -> torch.Tensor:
         layer = require_layer(request, self.name)
-        maps = first_component_projection(torch.from_numpy(request.activation(layer)), bool(request.params["center"]))
+        maps = first_component_projection(request.activation_tensor(layer), bool(request.params["center"]))
         spec = request.model.config.input
         return postprocess_cam(maps, spec.height, spec.width)
 
@@ -81,10 +80,9 @@ class EigenGradCam(SaliencyMethod):
         ),
     )
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def maps(self, request: MethodInput) -> torch.Tensor:
         layer = require_layer(request, self.name)
-        x = torch.from_numpy(np.ascontiguousarray(request.x, dtype=np.float32))
-        _, activations, gradients = request.model.layer_gradient(x, request.objective(), layer, request.activations.get(layer))
+        _, activations, gradients = request.layer_gradient(layer)
         maps = first_component_projection(gradients * activations, bool(request.params["center"]))
         spec = request.model.config.input
         return postprocess_cam(maps, spec.height, spec.width)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.images import gaussian_blur
 from saliency_service.core.methods.base import METHODS, MethodInput
-from saliency_service.core.methods.noise import GradientMethod
+from saliency_service.core.methods.noise import GradientMethod, channel_reduced
 from saliency_service.core.models.model import LoadedModel
 from saliency_service.core.params import ParamSpec
 
@@ -21,17 +21,17 @@ IG_BASELINES = ("zero", "blur", "uniform")
 SUPPLIED_BASELINE = "supplied"
 
 
-def _as_tensor(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-
-
-def layer_map(contributions: torch.Tensor, request: MethodInput) -> np.ndarray:
+def layer_map(contributions: torch.Tensor, request: MethodInput) -> torch.Tensor:
     """ML-Att (METRICS.md §5): a layer attribution summed over channels, upsampled bilinearly to the input; signed."""
     spec = request.model.config.input
     summed = contributions.sum(dim=1, keepdim=True).float()
     upsampled = F.interpolate(summed, size=(spec.height, spec.width), mode="bilinear", align_corners=False)
-    out: np.ndarray = upsampled[:, 0].numpy()
-    return out
+    return upsampled[:, 0]
+
+
+def _path_tensors(alphas: np.ndarray, step_weights: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quadrature rule's positions (float32) and weights (float64) on `device`."""
+    return torch.from_numpy(alphas).float().to(device), torch.from_numpy(step_weights).to(device)
 
 
 @METHODS.register("saliency")
@@ -48,16 +48,14 @@ class Saliency(GradientMethod):
 
     layer_optional = True
 
-    def attribute_once(self, request: MethodInput) -> np.ndarray:
+    def attribute_once(self, request: MethodInput) -> torch.Tensor:
         if request.layer is not None:
             # At a layer: the gradient with respect to the layer's activation, reduced the same way.
-            _, _, gradient = request.model.layer_gradient(_as_tensor(request.x), request.objective(), request.layer)
+            _, _, gradient = request.model.layer_gradient(request.input(), request.objective(), request.layer)
             reduced = gradient.abs().amax(dim=1, keepdim=True) if request.params["abs"] else gradient.sum(dim=1, keepdim=True)
             return layer_map(reduced, request)
-        _, gradient = request.model.input_gradient(_as_tensor(request.x), request.objective())
-        if request.params["abs"]:
-            return gradient.abs().amax(dim=1).numpy()
-        return gradient.sum(dim=1).numpy()
+        _, gradient = request.model.input_gradient(request.input(), request.objective())
+        return channel_reduced(gradient, bool(request.params["abs"]))
 
 
 @METHODS.register("input_x_gradient")
@@ -69,13 +67,13 @@ class InputXGradient(GradientMethod):
 
     layer_optional = True
 
-    def attribute_once(self, request: MethodInput) -> np.ndarray:
-        x = _as_tensor(request.x)
+    def attribute_once(self, request: MethodInput) -> torch.Tensor:
+        x = request.input()
         if request.layer is not None:
             _, activation, gradient = request.model.layer_gradient(x, request.objective(), request.layer)
             return layer_map(activation * gradient, request)
         _, gradient = request.model.input_gradient(x, request.objective())
-        return (x * gradient).sum(dim=1).numpy()
+        return (x * gradient).sum(dim=1)
 
 
 def path_rule(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +143,7 @@ def ig_baseline(kind: str, x: torch.Tensor, model: LoadedModel, seed: int) -> to
     noise = np.random.default_rng(seed).random((spec.channels, spec.height, spec.width))
     mean = np.asarray(spec.mean)[:, None, None]
     std = np.asarray(spec.std)[:, None, None]
-    return torch.from_numpy(((noise - mean) / std).astype(np.float32)).expand_as(x).clone()
+    return torch.from_numpy(((noise - mean) / std).astype(np.float32)).to(x.device).expand_as(x).clone()
 
 
 def _path_start(request: MethodInput, x: torch.Tensor) -> torch.Tensor:
@@ -167,8 +165,8 @@ def _path_start(request: MethodInput, x: torch.Tensor) -> torch.Tensor:
             f"or choose a computed baseline ({', '.join(IG_BASELINES)})",
             {"parameter": "baseline"},
         )
-    # GradientMethod.attribute has checked that it matches the input's shape.
-    return _as_tensor(request.baseline)
+    # GradientMethod.maps has checked that it matches the input's shape.
+    return torch.as_tensor(request.baseline, dtype=torch.float32, device=x.device)
 
 
 @METHODS.register("integrated_gradients")
@@ -201,31 +199,30 @@ class IntegratedGradients(GradientMethod):
     takes_baseline = True
     layer_optional = True
 
-    def attribute_once(self, request: MethodInput) -> np.ndarray:
+    def attribute_once(self, request: MethodInput) -> torch.Tensor:
         steps = int(request.params["steps"])
         alphas, step_weights = path_rule(str(request.params["rule"]), steps)
-        x = _as_tensor(request.x)
+        x = request.input()
         baseline = _path_start(request, x)
         if request.layer is not None:
             contributions = layer_integrated_gradients(request.model, x, baseline, request.objective(), request.layer, alphas, step_weights)
             return layer_map(contributions, request)
         delta = x - baseline
         objective = request.objective()
-        alpha_t = torch.from_numpy(alphas).float()
-        weight_t = torch.from_numpy(step_weights)
+        alpha_t, weight_t = _path_tensors(alphas, step_weights, x.device)
 
         # Row r of the flattened B*steps path batch is item r // steps at step r % steps. Rows are
         # built one model-sized chunk at a time so memory stays bounded however large steps is.
         rows = len(x) * steps
         chunk = request.model.max_batch
-        integrated = torch.zeros(x.shape, dtype=torch.float64)
+        integrated = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
         for start in range(0, rows, chunk):
-            index = torch.arange(start, min(rows, start + chunk))
+            index = torch.arange(start, min(rows, start + chunk), device=x.device)
             item, step = index // steps, index % steps
             points = baseline[item] + alpha_t[step].view(-1, 1, 1, 1) * delta[item]
             _, gradient = request.model.input_gradient(points, objective[item])
             integrated.index_add_(0, item, gradient.double() * weight_t[step].view(-1, 1, 1, 1))
-        return (delta.double() * integrated).sum(dim=1).float().numpy()
+        return (delta.double() * integrated).sum(dim=1).float()
 
 
 def layer_integrated_gradients(
@@ -243,17 +240,15 @@ def layer_integrated_gradients(
     x; each point is reached by adding (1 - alpha)(A' - A) at the layer through the program's probe, so the
     layers before it run on x unchanged. The contributions sum to about f(A) - f(A') (completeness).
     """
-    _, acts = model.forward(np.concatenate([x.numpy(), baseline.numpy()]).astype(np.float32), [layer])
-    both = torch.from_numpy(acts[layer])
-    activation, start = both[: len(x)], both[len(x) :]
+    _, acts = model.forward_tensors(torch.cat([x, baseline]), [layer])
+    activation, start = acts[layer][: len(x)], acts[layer][len(x) :]
     difference = activation - start
     steps = len(alphas)
-    alpha_t = torch.from_numpy(alphas).float()
-    weight_t = torch.from_numpy(step_weights)
+    alpha_t, weight_t = _path_tensors(alphas, step_weights, x.device)
     rows = len(x) * steps
-    integrated = torch.zeros(difference.shape, dtype=torch.float64)
+    integrated = torch.zeros(difference.shape, dtype=torch.float64, device=x.device)
     for begin in range(0, rows, model.max_batch):
-        index = torch.arange(begin, min(rows, begin + model.max_batch))
+        index = torch.arange(begin, min(rows, begin + model.max_batch), device=x.device)
         item, step = index // steps, index % steps
         delta = -(1 - alpha_t[step]).view(-1, 1, 1, 1) * difference[item]
         _, _, gradients = model.layers_gradient(x[item], objective[item], [layer], {layer: delta})

@@ -317,7 +317,7 @@ class LpCam(SaliencyMethod):
         ParamSpec("context", "bool", True, "Subtract the similarity to the class's context prototypes (false: class prototypes alone)."),
     )
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def maps(self, request: MethodInput) -> np.ndarray:
         layer = require_layer(request, self.name)
         prototypes = cached_prototypes(request.model, layer)
         x = np.ascontiguousarray(request.x, dtype=np.float32)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 
 from saliency_service.core.errors import InvalidArgument
 from saliency_service.core.methods.base import METHODS, MethodInput, SaliencyMethod
-from saliency_service.core.methods.noise import GradientMethod
+from saliency_service.core.methods.noise import GradientMethod, channel_reduced
 from saliency_service.core.methods.rules import LinearRule, RuleSet, run_with_rules, zbox_bounds
 from saliency_service.core.models.model import LoadedModel
 from saliency_service.core.params import ParamSpec, ParamValue
@@ -85,10 +84,6 @@ def input_relevance(model: LoadedModel, x: torch.Tensor, weights: torch.Tensor, 
     return torch.cat(parts).to(origin)
 
 
-def _as_tensor(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-
-
 LRP_PARAMS = (
     ParamSpec(
         "composite",
@@ -128,11 +123,10 @@ class Lrp(SaliencyMethod):
     family = "relevance"
     params = LRP_PARAMS
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def maps(self, request: MethodInput) -> torch.Tensor:
         rules = rules_from_params(request.params, request.model)
-        relevance = input_relevance(request.model, _as_tensor(request.x), request.objective(), rules, times_logits=True)
-        out: np.ndarray = relevance.sum(dim=1).numpy().astype(np.float32)
-        return out
+        relevance = input_relevance(request.model, request.input(), request.objective(), rules, times_logits=True)
+        return relevance.sum(dim=1).float()
 
 
 @METHODS.register("guided_backprop")
@@ -150,8 +144,6 @@ class GuidedBackprop(GradientMethod):
         ),
     )
 
-    def attribute_once(self, request: MethodInput) -> np.ndarray:
-        gradient = input_relevance(request.model, _as_tensor(request.x), request.objective(), GUIDED_BACKPROP, times_logits=False)
-        if request.params["abs"]:
-            return gradient.abs().amax(dim=1).numpy()
-        return gradient.sum(dim=1).numpy()
+    def attribute_once(self, request: MethodInput) -> torch.Tensor:
+        gradient = input_relevance(request.model, request.input(), request.objective(), GUIDED_BACKPROP, times_logits=False)
+        return channel_reduced(gradient, bool(request.params["abs"]))

@@ -1,6 +1,6 @@
 """SmoothGrad, SmoothGrad² and VarGrad as a parameter of every gradient method (METHODS.md §7.2).
 
-A method built on `GradientMethod` implements `attribute_once`; `attribute` draws `noise_samples`
+A method built on `GradientMethod` implements `attribute_once`; `maps` draws `noise_samples`
 noisy copies of each image (Gaussian, sigma = `noise_sigma` x the image's value range, as in
 Smilkov et al. 2017), runs the method once on all of them as one batch, and aggregates the maps:
 mean (SmoothGrad), mean of squares (SmoothGrad²) or variance (VarGrad, Adebayo et al. 2018).
@@ -14,9 +14,10 @@ from abc import abstractmethod
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from saliency_service.core.errors import InvalidArgument
-from saliency_service.core.methods.base import MethodInput, SaliencyMethod
+from saliency_service.core.methods.base import Maps, MethodInput, SaliencyMethod
 from saliency_service.core.params import ParamSpec
 
 NOISE_KINDS = ("none", "smoothgrad", "smoothgrad_sq", "vargrad")
@@ -61,6 +62,11 @@ def noise_draws(seed: int, samples: int, shape: tuple[int, ...]) -> np.ndarray:
     return rng.standard_normal((samples, *shape), dtype=np.float32)
 
 
+def channel_reduced(gradient: torch.Tensor, absolute: bool) -> torch.Tensor:
+    """B x C x H x W -> B x H x W: the largest |value| over the colour channels, or the signed sum."""
+    return gradient.abs().amax(dim=1) if absolute else gradient.sum(dim=1)
+
+
 class GradientMethod(SaliencyMethod):
     """A method whose map is a function of one input; gains the noise parameters for free."""
 
@@ -72,13 +78,13 @@ class GradientMethod(SaliencyMethod):
         super().__init_subclass__(**kwargs)
         cls.params = (*cls.own_params, *NOISE_PARAMS)
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def maps(self, request: MethodInput) -> Maps:
         # Checked before the noisy batch indexes the baselines by item.
-        if request.baseline is not None and np.shape(request.baseline) != np.shape(request.x):
+        if request.baseline is not None and np.shape(request.baseline) != tuple(request.x.shape):
             raise InvalidArgument(
                 "BASELINE_SHAPE_MISMATCH",
                 f"the supplied baselines have shape {list(np.shape(request.baseline))} after preprocessing but the inputs have "
-                f"{list(np.shape(request.x))}; send exactly one baseline image per input image",
+                f"{list(request.x.shape)}; send exactly one baseline image per input image",
                 {"parameter": "baseline"},
             )
         kind = str(request.params.get("noise", "none"))
@@ -86,12 +92,14 @@ class GradientMethod(SaliencyMethod):
             return self.attribute_once(request)
         samples = int(request.params["noise_samples"])
         sigma = float(request.params["noise_sigma"])
-        x = np.asarray(request.x, dtype=np.float32)
+        # The noisy copies are made on the model's device and every map stays there until the mean or variance.
+        x = request.input()
         batch = len(x)
-        spread = (x.reshape(batch, -1).max(axis=1) - x.reshape(batch, -1).min(axis=1)).astype(np.float32)
+        flat = x.reshape(batch, -1)
+        spread = flat.amax(dim=1) - flat.amin(dim=1)
         # Row r of the noisy batch is item r // samples; each item's noise depends only on the seed and
         # its own sample index, so an item's map does not depend on its batch position.
-        noise = noise_draws(request.seed, samples, x.shape[1:])
+        noise = torch.from_numpy(noise_draws(request.seed, samples, tuple(x.shape[1:]))).to(x.device)
         noisy = x[:, None] + sigma * spread[:, None, None, None, None] * noise[None]
         items = np.repeat(np.arange(batch), samples)
         expanded = dataclasses.replace(
@@ -100,16 +108,17 @@ class GradientMethod(SaliencyMethod):
             targets=request.targets[items],
             foils=None if request.foils is None else request.foils[items],
             baseline=None if request.baseline is None else np.asarray(request.baseline)[items],
+            activations={},  # the engine's activations are of the clean images
         )
-        maps = self.attribute_once(expanded).astype(np.float64).reshape(batch, samples, *self._map_shape(request))
+        maps = torch.as_tensor(self.attribute_once(expanded), device=x.device).double()
+        maps = maps.reshape(batch, samples, *self._map_shape(request))
         if kind == "smoothgrad":
-            result = maps.mean(axis=1)
+            result = maps.mean(dim=1)
         elif kind == "smoothgrad_sq":
-            result = (maps**2).mean(axis=1)
+            result = (maps**2).mean(dim=1)
         else:
-            result = maps.var(axis=1)
-        out: np.ndarray = result.astype(np.float32)
-        return out
+            result = maps.var(dim=1, correction=0)
+        return result.float()
 
     @staticmethod
     def _map_shape(request: MethodInput) -> tuple[int, int]:
@@ -117,5 +126,5 @@ class GradientMethod(SaliencyMethod):
         return spec.height, spec.width
 
     @abstractmethod
-    def attribute_once(self, request: MethodInput) -> np.ndarray:
-        """B x H x W float32 maps for `request.x` exactly as given (no noise)."""
+    def attribute_once(self, request: MethodInput) -> Maps:
+        """B x H x W maps for `request.x` exactly as given (no noise), on the model's device where the method runs in torch."""

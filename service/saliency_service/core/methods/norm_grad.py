@@ -28,7 +28,6 @@ map is that layer's normalised map. No final re-normalisation after combining.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -124,9 +123,9 @@ class NormGrad(SaliencyMethod):
         ),
     )
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def maps(self, request: MethodInput) -> torch.Tensor:
         layers = tuple(request.layers) or (require_layer(request, self.name),)
-        x = torch.from_numpy(np.ascontiguousarray(request.x, dtype=np.float32))
+        x = request.input()
         spec = request.model.config.input
         virtual_layer, reduction = str(request.params["virtual_layer"]), str(request.params["reduction"])
         # Every layer's gradient from one backward pass per chunk.
@@ -139,4 +138,4 @@ class NormGrad(SaliencyMethod):
             combined = torch.stack(maps).prod(dim=0)
         else:
             combined = torch.stack(maps).mean(dim=0)
-        return combined.numpy().astype(np.float32, copy=False)
+        return combined.float()

@@ -1,8 +1,9 @@
 """Perturbation methods (METHODS.md §7.3, §7.4): Occlusion (Zeiler & Fergus 2014) and RISE (Petsiuk et al. 2018).
 
-Both only run forward passes: every perturbed copy goes through `LoadedModel.logits` (onnxruntime) in
-chunks of `model.max_batch`, and scores come from `MethodInput.objective_of`, so a foil (target vs foil)
-works as for the gradient methods.
+Both only run forward passes: every perturbed copy is made on the model's device and goes through
+`LoadedModel.logits_tensor` (onnxruntime, I/O binding) in chunks of `model.max_batch`, and scores come from
+`MethodInput.objective_values`, so a foil (target vs foil) works as for the gradient methods and nothing but
+the finished maps leaves the device.
 """
 
 from __future__ import annotations
@@ -41,14 +42,13 @@ def _covering(starts: np.ndarray, window: int, size: int) -> np.ndarray:
     return (positions[None, :] >= starts[:, None]) & (positions[None, :] < starts[:, None] + window)
 
 
-def occlusion_fill(kind: str, x: np.ndarray) -> np.ndarray:
-    """What an occluded window is set to, same shape as x (normalised space)."""
+def occlusion_fill(kind: str, x: torch.Tensor) -> torch.Tensor:
+    """What an occluded window is set to, same shape and device as x (normalised space)."""
     if kind == "zero":
-        return np.zeros_like(x)
+        return torch.zeros_like(x)
     if kind == "mean":
-        return np.broadcast_to(x.mean(axis=(2, 3), keepdims=True, dtype=np.float64), x.shape).astype(np.float32)
-    blurred: np.ndarray = gaussian_blur(torch.from_numpy(np.ascontiguousarray(x))).numpy()
-    return blurred
+        return x.double().mean(dim=(2, 3), keepdim=True).to(x.dtype).expand_as(x)
+    return gaussian_blur(x)
 
 
 @METHODS.register("occlusion")
@@ -94,30 +94,29 @@ class Occlusion(SaliencyMethod):
         ),
     )
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def maps(self, request: MethodInput) -> torch.Tensor:
         window, stride = int(request.params["window"]), int(request.params["stride"])
-        x = np.ascontiguousarray(request.x, dtype=np.float32)
+        x = request.input()
         height, width = x.shape[2], x.shape[3]
         _check_occlusion(window, stride, height, width)
-        rows = _covering(window_starts(height, window, stride), window, height)
-        cols = _covering(window_starts(width, window, stride), window, width)
+        rows = torch.from_numpy(_covering(window_starts(height, window, stride), window, height)).to(x.device)
+        cols = torch.from_numpy(_covering(window_starts(width, window, stride), window, width)).to(x.device)
         # Windows form a rows x cols grid, so the number covering a pixel is a product of per-axis counts.
-        coverage = np.outer(rows.sum(axis=0), cols.sum(axis=0)).astype(np.float64)
+        coverage = torch.outer(rows.sum(dim=0), cols.sum(dim=0)).double()
         # Window w is (row w // len(cols), column w % len(cols)).
         windows = len(rows) * len(cols)
         fill = occlusion_fill(str(request.params["fill"]), x)
-        clean = request.objective_of(request.model.logits(x))
+        clean = request.objective_values(request.model.logits_tensor(x))
         chunk = request.model.max_batch
-        total = np.zeros((len(x), height, width), dtype=np.float64)
+        total = torch.zeros((len(x), height, width), dtype=torch.float64, device=x.device)
         for start in range(0, windows, chunk):
-            index = np.arange(start, min(windows, start + chunk))
+            index = torch.arange(start, min(windows, start + chunk), device=x.device)
             masks = rows[index // len(cols)][:, :, None] & cols[index % len(cols)][:, None, :]
             for item in range(len(x)):
-                occluded = np.where(masks[:, None], fill[item][None], x[item][None])
-                scores = request.objective_of(request.model.logits(occluded), np.full(len(index), item))
-                total[item] += np.tensordot(clean[item] - scores, masks, axes=1)
-        out: np.ndarray = (total / coverage).astype(np.float32)
-        return out
+                occluded = torch.where(masks[:, None], fill[item][None], x[item][None])
+                scores = request.objective_values(request.model.logits_tensor(occluded), torch.full_like(index, item))
+                total[item] += torch.tensordot(clean[item] - scores, masks.double(), dims=1)
+        return (total / coverage).float()
 
 
 def _check_occlusion(window: int, stride: int, height: int, width: int) -> None:
@@ -176,34 +175,29 @@ class RiseMasks:
     per axis, then cropped to the input size at a random integer shift in [0, C) per axis.
     """
 
-    def __init__(self, seed: int, count: int, grid: int, p: float, height: int, width: int) -> None:
+    def __init__(self, seed: int, count: int, grid: int, p: float, height: int, width: int, device: torch.device | str = "cpu") -> None:
         rng = np.random.default_rng(seed)
         # Drawn a block at a time (the same stream as one draw) so no count x s x s float64 array is ever held.
-        self.grids = np.concatenate([rng.random((min(GRID_BLOCK, count - start), grid, grid)) < p for start in range(0, count, GRID_BLOCK)])
+        grids = np.concatenate([rng.random((min(GRID_BLOCK, count - start), grid, grid)) < p for start in range(0, count, GRID_BLOCK)])
         cell_h, cell_w = math.ceil(height / grid), math.ceil(width / grid)
-        self.shift_y = rng.integers(0, cell_h, count)
-        self.shift_x = rng.integers(0, cell_w, count)
-        self.up_y = upsample_matrix(grid, (grid + 1) * cell_h).astype(np.float32)
-        self.up_x = upsample_matrix(grid, (grid + 1) * cell_w).astype(np.float32)
+        shift_y, shift_x = rng.integers(0, cell_h, count), rng.integers(0, cell_w, count)
+        # The draws are made on the host (one seeded stream); the cells, shifts and interpolation matrices then
+        # live on `device`, where every chunk of masks is built.
+        self.grids = torch.from_numpy(grids).to(device)
+        self.shift_y, self.shift_x = torch.from_numpy(shift_y).to(device), torch.from_numpy(shift_x).to(device)
+        self.up_y = torch.from_numpy(upsample_matrix(grid, (grid + 1) * cell_h).astype(np.float32)).to(device)
+        self.up_x = torch.from_numpy(upsample_matrix(grid, (grid + 1) * cell_w).astype(np.float32)).to(device)
         self.height, self.width = height, width
 
     def __len__(self) -> int:
         return len(self.grids)
 
-    def chunk(self, start: int, stop: int) -> np.ndarray:
-        """Masks start..stop-1: (stop - start) x H x W float32 in [0, 1]."""
+    def chunk(self, start: int, stop: int) -> torch.Tensor:
+        """Masks start..stop-1: (stop - start) x H x W float32 in [0, 1], on the masks' device."""
         # Cropping the upsampled grid is selecting rows of the interpolation matrices.
-        rows = self.up_y[self.shift_y[start:stop, None] + np.arange(self.height)]
-        cols = self.up_x[self.shift_x[start:stop, None] + np.arange(self.width)]
-        masks: np.ndarray = rows @ self.grids[start:stop].astype(np.float32) @ cols.transpose(0, 2, 1)
-        return masks
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    out: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
-    return out
+        rows = self.up_y[self.shift_y[start:stop, None] + torch.arange(self.height, device=self.up_y.device)]
+        cols = self.up_x[self.shift_x[start:stop, None] + torch.arange(self.width, device=self.up_x.device)]
+        return rows @ self.grids[start:stop].float() @ cols.transpose(1, 2)
 
 
 @METHODS.register("rise")
@@ -246,18 +240,18 @@ class Rise(SaliencyMethod):
         ),
     )
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
-        x = np.ascontiguousarray(request.x, dtype=np.float32)
+    def maps(self, request: MethodInput) -> torch.Tensor:
+        x = request.input()
         count, p = int(request.params["masks"]), float(request.params["p"])
         by_probability = request.params["score"] == "probability"
-        masks = RiseMasks(request.seed, count, int(request.params["grid"]), p, x.shape[2], x.shape[3])
-        total = np.zeros((len(x), x.shape[2], x.shape[3]), dtype=np.float64)
+        masks = RiseMasks(request.seed, count, int(request.params["grid"]), p, x.shape[2], x.shape[3], x.device)
+        total = torch.zeros((len(x), x.shape[2], x.shape[3]), dtype=torch.float64, device=x.device)
         chunk = request.model.max_batch
         for start in range(0, count, chunk):
             batch = masks.chunk(start, min(count, start + chunk))
+            items = torch.zeros(len(batch), dtype=torch.long, device=x.device)
             for item in range(len(x)):
-                logits = request.model.logits(x[item][None] * batch[:, None])
-                scores = request.objective_of(_softmax(logits) if by_probability else logits, np.full(len(batch), item))
-                total[item] += np.tensordot(scores, batch, axes=1)
-        out: np.ndarray = (total / (count * p)).astype(np.float32)
-        return out
+                logits = request.model.logits_tensor(x[item][None] * batch[:, None])
+                scores = request.objective_values(torch.softmax(logits.double(), dim=1) if by_probability else logits, items + item)
+                total[item] += torch.tensordot(scores, batch.double(), dims=1)
+        return (total / (count * p)).float()

@@ -31,7 +31,7 @@ class RandomMap(SaliencyMethod):
         ParamSpec("distribution", "string", "uniform", "Noise per pixel: uniform on [0, 1) or standard normal.", choices=DISTRIBUTIONS),
     )
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def maps(self, request: MethodInput) -> np.ndarray:
         height, width = request.x.shape[2:]
         gaussian = request.params["distribution"] == "gaussian"
         maps = np.empty((len(request.x), height, width), dtype=np.float32)

@@ -180,9 +180,9 @@ class SalientRelevance(SaliencyMethod):
         ),
     )
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def maps(self, request: MethodInput) -> np.ndarray:
         rules = sr_rules(str(request.params["composite"]), request.model)
-        x = torch.from_numpy(np.ascontiguousarray(request.x, dtype=np.float32))
+        x = request.input()
         objective = request.objective()
         # One item per pass: LRP-0's near-zero denominators amplify the last-bit differences that batched
         # kernels give, and CA's top-K and attention threshold are discontinuous, so a map must not depend
@@ -190,5 +190,6 @@ class SalientRelevance(SaliencyMethod):
         relevance = torch.cat([input_relevance(request.model, x[i : i + 1], objective[i : i + 1], rules, True) for i in range(len(x))])
         images = relevance_image(relevance)
         side = int(request.params["max_side"])
-        maps = [context_aware_saliency(image, side).float().numpy() for image in images]
+        # Context-aware saliency's distance transform runs on the host (scipy), so its maps are made there.
+        maps = [context_aware_saliency(image.cpu(), side).float().numpy() for image in images]
         return np.stack(maps).astype(np.float32)

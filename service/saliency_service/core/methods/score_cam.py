@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,23 +75,20 @@ class ScoreCam(SaliencyMethod):
         ),
     )
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def maps(self, request: MethodInput) -> torch.Tensor:
         layer = require_layer(request, self.name)
         model = request.model
-        x_np = np.ascontiguousarray(request.x, dtype=np.float32)
-        activations = torch.from_numpy(request.activation(layer))
+        # The masked batches are made where the model runs and handed to onnxruntime there (on a GPU they
+        # never cross to the host); their logits and the channel scores stay there too.
+        x = request.input()
+        activations = request.activation_tensor(layer)
         batch, channels = activations.shape[:2]
         spec = model.config.input
-        # The masked batches are made where the model runs and handed to onnxruntime there (on a GPU they
-        # never cross to the host); only their logits come back.
-        x = torch.from_numpy(x_np).to(model.device)
         probability = request.params["score"] == "probability"
 
-        def score(inputs: torch.Tensor, items: np.ndarray) -> np.ndarray:
-            logits = model.logits_tensor(inputs).cpu().numpy()
-            if probability:
-                logits = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
-            return request.objective_of(logits, items)
+        def score(inputs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+            logits = model.logits_tensor(inputs)
+            return request.objective_values(torch.softmax(logits.double(), dim=1) if probability else logits, items)
 
         # A constant channel's mask is all zero (bilinear upsampling keeps a channel constant or not), so its
         # masked input is the zero image, the same for every such channel of an item: one pass per item scores
@@ -104,25 +100,23 @@ class ScoreCam(SaliencyMethod):
         flat = activations.flatten(2).double()
         low, high = flat.amin(dim=2, keepdim=True), flat.amax(dim=2, keepdim=True)
         live = (high > low)[..., 0]
-        scores = np.empty(batch * channels, dtype=np.float64)
         rows = torch.nonzero(live.flatten()).flatten()
         row_items = rows // channels
         normalised = ((flat - low) / torch.where(high > low, high - low, 1.0)).flatten(0, 1)[rows]
         distinct, shared = torch.unique(torch.cat([row_items[:, None].double(), normalised], dim=1), dim=0, return_inverse=True)
-        distinct_scores = np.empty(len(distinct), dtype=np.float64)
+        distinct_scores = torch.empty(len(distinct), dtype=torch.float64, device=x.device)
         for start, end in _chunks(len(distinct), model.max_batch):
             items = distinct[start:end, 0].long()
-            rows_here = distinct[start:end, 1:].reshape(end - start, 1, *activations.shape[2:]).to(model.device)
-            masks = score_masks(rows_here, spec.height, spec.width)
-            distinct_scores[start:end] = score(x[items.to(model.device)] * masks.float(), items.numpy())
-        scores[rows.numpy()] = distinct_scores[shared.numpy()]
-        dead_items = torch.nonzero((~live).any(dim=1)).flatten().numpy()
+            masks = score_masks(distinct[start:end, 1:].reshape(end - start, 1, *activations.shape[2:]), spec.height, spec.width)
+            distinct_scores[start:end] = score(x[items] * masks.float(), items)
+        scores = torch.zeros(batch * channels, dtype=torch.float64, device=x.device)
+        scores[rows] = distinct_scores[shared]
+        weights = scores.reshape(batch, channels)
+        dead_items = torch.nonzero((~live).any(dim=1)).flatten()
         if len(dead_items):
-            blank = score(x.new_zeros((len(dead_items), *x_np.shape[1:])), dead_items)
-            for item, value in zip(dead_items, blank, strict=True):
-                dead = torch.nonzero(~live[item]).flatten().numpy()
-                scores[item * channels + dead] = value
-        weights = torch.from_numpy(scores).reshape(batch, channels)
+            blank = torch.zeros(batch, dtype=torch.float64, device=x.device)
+            blank[dead_items] = score(x.new_zeros((len(dead_items), *x.shape[1:])), dead_items)
+            weights = torch.where(live, weights, blank[:, None])
         if request.params["channel_softmax"]:
             weights = torch.softmax(weights, dim=1)
         maps = (weights[:, :, None, None] * activations.double()).sum(dim=1)
@@ -141,7 +135,7 @@ def channels_to_ablate(activations: torch.Tensor, ratio: float) -> torch.Tensor:
     batch, channels = activations.shape[:2]
     count = max(1, math.ceil(ratio * channels))
     if count >= channels:
-        return torch.arange(channels).repeat(batch, 1)
+        return torch.arange(channels, device=activations.device).repeat(batch, 1)
     eigen = torch.relu(first_component_projection(activations, center=False))
     eigen = eigen - eigen.amin(dim=(1, 2), keepdim=True)
     eigen = safe_divide(eigen, eigen.amax(dim=(1, 2), keepdim=True))
@@ -181,30 +175,28 @@ class AblationCam(SaliencyMethod):
         ),
     )
 
-    def attribute(self, request: MethodInput) -> np.ndarray:
+    def maps(self, request: MethodInput) -> torch.Tensor:
         layer = require_layer(request, self.name)
         model = request.model
-        x_np = np.ascontiguousarray(request.x, dtype=np.float32)
-        activations = torch.from_numpy(request.activation(layer))
+        x = request.input()
+        activations = request.activation_tensor(layer)
         batch, channels = activations.shape[:2]
         chosen = channels_to_ablate(activations, float(request.params["channel_ratio"]))
         # Per item: one row with nothing ablated (y), then one row per chosen channel (y_k).
         per_item = 1 + chosen.shape[1]
         rows = batch * per_item
-        x = torch.from_numpy(x_np)
-        scores = np.empty(rows, dtype=np.float64)
+        scores = torch.empty(rows, dtype=torch.float64, device=x.device)
         for start, end in _chunks(rows, model.max_batch):
-            index = torch.arange(start, end)
+            index = torch.arange(start, end, device=x.device)
             items, slot = index // per_item, index % per_item
-            delta = torch.zeros((end - start, *activations.shape[1:]), dtype=activations.dtype)
+            delta = torch.zeros((end - start, *activations.shape[1:]), dtype=activations.dtype, device=x.device)
             ablated = (slot > 0).nonzero()[:, 0]
             channel = chosen[items[ablated], slot[ablated] - 1]
             delta[ablated, channel] = -activations[items[ablated], channel]
-            logits = model.logits_with_delta(x[items], layer, delta).numpy()
-            scores[start:end] = request.objective_of(logits, items.numpy())
-        table = torch.from_numpy(scores).reshape(batch, per_item)
+            scores[start:end] = request.objective_values(model.logits_with_delta(x[items], layer, delta), items)
+        table = scores.reshape(batch, per_item)
         y = table[:, :1]
-        drops = torch.zeros((batch, channels), dtype=torch.float64)
+        drops = torch.zeros((batch, channels), dtype=torch.float64, device=x.device)
         drops.scatter_(1, chosen, y - table[:, 1:])
         scale = torch.where(y == 0, torch.ones_like(y), y.abs())
         weights = drops / scale

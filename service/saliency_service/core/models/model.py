@@ -239,6 +239,17 @@ class LoadedModel:
         self._observe(self.name, "forward", len(x))
         return logits, {spec.name: _as_seen_np(spec, act) for spec, act in zip(specs, activations, strict=True)}
 
+    def forward_tensors(self, x: torch.Tensor, layers: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`forward` for a tensor: logits and activations as float32 tensors on `x`'s device (I/O binding)."""
+        specs = [self.config.layer(name) for name in layers]
+        logits, *activations = self.onnx.run_tensors(
+            x,
+            [self.config.onnx_logits_output, *(spec.onnx_output for spec in specs)],
+            [(self.config.num_classes,), *(spec.raw_shape for spec in specs)],
+        )
+        self._observe(self.name, "forward", len(x))
+        return logits, {spec.name: _as_seen(spec, act) for spec, act in zip(specs, activations, strict=True)}
+
     # ---- gradients (torch program) ----
 
     def input_gradient(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,7 +274,7 @@ class LoadedModel:
         return spec.tokens is None and self.program.head(spec.probe_index) is not None
 
     def layer_gradient(
-        self, x: torch.Tensor, weights: torch.Tensor, layer: str, activation: np.ndarray | None = None
+        self, x: torch.Tensor, weights: torch.Tensor, layer: str, activation: np.ndarray | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, the layer's activation, and the objective's gradient with respect to it (both B x C x h x w).
 
@@ -275,7 +286,7 @@ class LoadedModel:
         2.5x through torch's trunk).
         """
         if activation is None and self.has_head(layer):
-            _, outputs = self.forward(x.detach().cpu().numpy(), [layer])
+            _, outputs = self.forward_tensors(x, [layer])
             activation = outputs[layer]
         if activation is None or len(activation) != len(x) or not self.has_head(layer):
             logits, activations, gradients = self.layers_gradient(x, weights, [layer])
@@ -284,7 +295,7 @@ class LoadedModel:
         assert head is not None  # has_head said so
         logits_parts, grad_parts = [], []
         step = self.max_batch
-        seen = torch.from_numpy(np.ascontiguousarray(activation, dtype=np.float32))
+        seen = torch.as_tensor(activation, dtype=torch.float32)
         on_device, weights = seen.to(self.device), weights.to(self.device)
         for start in range(0, len(seen), step):
             part = on_device[start : start + step].clone().requires_grad_(True)
@@ -394,6 +405,10 @@ class _TorchForwardModel(LoadedModel):
 
     def logits_tensor(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.logits(x.detach().cpu().numpy())).to(x.device)
+
+    def forward_tensors(self, x: torch.Tensor, layers: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, activations = self.forward(x.detach().cpu().numpy(), layers)
+        return torch.from_numpy(logits).to(x.device), {name: torch.from_numpy(act).to(x.device) for name, act in activations.items()}
 
     def forward(self, x: np.ndarray, layers: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         specs = [self.config.layer(name) for name in layers]
