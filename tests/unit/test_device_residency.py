@@ -11,6 +11,7 @@ host by design, each for the reason given.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,10 +19,13 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from saliency_service.core.engine import Engine, ExplainJob
 from saliency_service.core.methods import METHODS, MethodInput
-from saliency_service.core.methods.base import host_maps
-from saliency_service.core.models.model import LoadedModel
+from saliency_service.core.methods.base import on_host
+from saliency_service.core.models.model import LoadedModel, RuntimeOptions
+from saliency_service.core.models.repository import ModelRepository
 from saliency_service.core.params import resolve_params
+from saliency_service.core.types import RawTensor
 
 HOST_READS = {"numpy", "cpu", "tolist", "item", "__array__", "__float__", "__int__", "__index__", "__bool__"}
 
@@ -111,7 +115,7 @@ def test_a_method_keeps_its_tensors_on_the_models_device(method: str, params: di
 
     assert spy.transfers() == []
     assert isinstance(maps, torch.Tensor) and maps.device == model.device
-    np.testing.assert_array_equal(host_maps(maps), instance.attribute(request))
+    np.testing.assert_array_equal(on_host(maps), instance.attribute(request))
 
 
 def test_a_layer_attribution_keeps_its_tensors_on_the_device(tiny_cnn: Any) -> None:
@@ -123,3 +127,37 @@ def test_a_layer_attribution_keeps_its_tensors_on_the_device(tiny_cnn: Any) -> N
         maps = METHODS.get("integrated_gradients")().maps(request)
     assert spy.transfers() == []
     assert isinstance(maps, torch.Tensor)
+
+
+def test_the_prediction_pass_leaves_the_layer_activations_on_the_device(tiny_cnn: Any) -> None:
+    """`predict` is `forward` with its activations kept as tensors where the model runs (bound by onnxruntime)."""
+    model = tiny_cnn.model
+    x, layer = _input(model), model.config.default_layer
+    logits, activations = model.predict(x, [layer])
+    host_logits, host_activations = model.forward(x, [layer])
+    assert isinstance(logits, np.ndarray)
+    np.testing.assert_array_equal(logits, host_logits)
+    assert isinstance(activations[layer], torch.Tensor) and activations[layer].device == model.device
+    np.testing.assert_array_equal(activations[layer].numpy(), host_activations[layer])
+
+
+def test_the_engine_hands_a_cam_its_prediction_activations_as_device_tensors(
+    tiny_cnn: Any, repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = ModelRepository(repository, RuntimeOptions(max_batch=64, threads=1, prefer_cuda=False))
+    models.load_all()
+    seen: list[MethodInput] = []
+    cam = METHODS.get("grad_cam")
+    original = cam.maps
+
+    def recording(self: Any, request: MethodInput) -> Any:
+        seen.append(request)
+        return original(self, request)
+
+    monkeypatch.setattr(cam, "maps", recording)
+    spec = tiny_cnn.model.config.input
+    image = np.random.default_rng(2).integers(0, 256, (spec.height, spec.width, 3), dtype=np.uint8)
+    Engine(models).explain(ExplainJob("tiny-cnn", [RawTensor("uint8", image.shape, image.tobytes())], "grad_cam"))
+    (request,) = seen
+    cached = request.cached_activation(tiny_cnn.model.config.default_layer)
+    assert isinstance(cached, torch.Tensor) and cached.device == request.model.device

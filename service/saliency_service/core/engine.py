@@ -26,6 +26,7 @@ from saliency_service.core.images import (
     to_model_input,
 )
 from saliency_service.core.methods import METHODS, MethodInput, SaliencyMethod
+from saliency_service.core.methods.base import Activation
 from saliency_service.core.metrics import METRICS, MetricInput, ScoreMetric
 from saliency_service.core.metrics.base import ProgressFn, no_progress
 from saliency_service.core.models.model import LoadedModel
@@ -153,8 +154,8 @@ class _Batch:
     predicted: np.ndarray
     targets: np.ndarray
     foil: int | None = None
-    activations: Mapping[str, np.ndarray] = field(default_factory=dict)
-    """Layer activations from the prediction pass, for methods that start their backward pass there."""
+    activations: Mapping[str, Activation] = field(default_factory=dict)
+    """Layer activations from the prediction pass (on the model's device), for methods that start their backward pass there."""
 
 
 @dataclass(frozen=True)
@@ -500,7 +501,7 @@ class Engine:
         layers = list(resolved.layers) if resolved is not None and resolved.method.uses_layer else []
         with timer.stage("predict"):
             if layers:
-                logits, activations = model.forward(x, layers)
+                logits, activations = model.predict(x, layers)
             else:
                 logits, activations = model.logits(x), {}
         probabilities = _softmax(logits)
@@ -566,7 +567,7 @@ class Engine:
 
         def run(layer: str | None, at: tuple[str, ...]) -> np.ndarray:
             request = MethodInput(model, batch.x, batch.targets, resolved.params, layer, seed, foils, baseline, at, batch.activations)
-            return np.asarray(method().attribute(request), dtype=np.float32)
+            return method().attribute(request)
 
         with timer.stage("attribute"):
             if method.multi_layer or len(layers) <= 1:

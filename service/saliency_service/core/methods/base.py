@@ -27,13 +27,15 @@ from saliency_service.core.registry import Registry
 
 Maps: TypeAlias = np.ndarray | torch.Tensor
 """B x H x W maps: a numpy array, or a tensor on any device (the model's, for methods that run in torch)."""
+Activation: TypeAlias = np.ndarray | torch.Tensor
+"""B x C x h x w layer activations: in host memory, or a tensor on the model's device."""
 
 
-def host_maps(maps: Maps) -> np.ndarray:
-    """`maps` as a float32 numpy array in host memory (a tensor is copied off its device here, once)."""
-    if isinstance(maps, torch.Tensor):
-        maps = maps.detach().to("cpu", torch.float32).numpy()
-    return np.asarray(maps, dtype=np.float32)
+def on_host(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    """`array` as a float32 numpy array in host memory (a tensor is copied off its device here)."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(array, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class MethodInput:
     layers: tuple[str, ...] = ()
     """Every layer of the request. The engine calls a single-layer method once per layer; a method with
     `multi_layer` gets them all here in one call."""
-    activations: Mapping[str, np.ndarray] = field(default_factory=dict)
+    activations: Mapping[str, Activation] = field(default_factory=dict)
     """Layer activations of `x` (B x C x h x w) that the engine's prediction pass already computed, for
     `LoadedModel.layer_gradient` to start from; may be empty."""
 
@@ -64,7 +66,7 @@ class MethodInput:
         """`x` as a float32 tensor on the model's device (on the CPU it may share the array's memory: do not write to it)."""
         return torch.as_tensor(self.x, dtype=torch.float32, device=self.model.device)
 
-    def cached_activation(self, layer: str) -> np.ndarray | None:
+    def cached_activation(self, layer: str) -> Activation | None:
         """The layer's activation for `x` from the engine's prediction pass, if it kept one for this batch."""
         cached = self.activations.get(layer)
         return cached if cached is not None and len(cached) == len(self.x) else None
@@ -74,8 +76,8 @@ class MethodInput:
         kept it, else from one onnxruntime pass."""
         cached = self.cached_activation(layer)
         if cached is not None:
-            return cached
-        _, outputs = self.model.forward(host_maps(self.x), [layer])
+            return on_host(cached)
+        _, outputs = self.model.forward(on_host(self.x), [layer])
         return outputs[layer]
 
     def activation_tensor(self, layer: str) -> torch.Tensor:
@@ -144,7 +146,7 @@ class SaliencyMethod(ABC):
 
     def attribute(self, request: MethodInput) -> np.ndarray:
         """B x H x W float32 maps at the model's input resolution, in host memory: `maps`, taken off the device."""
-        return host_maps(self.maps(request))
+        return on_host(self.maps(request))
 
     @abstractmethod
     def maps(self, request: MethodInput) -> Maps:

@@ -238,7 +238,7 @@ class CfCam(SaliencyMethod):
         layer = require_layer(request, self.name)
         params = request.params
         x = torch.from_numpy(np.ascontiguousarray(request.x, dtype=np.float32))
-        _, activations, gradients = request.model.layer_gradient(x, request.objective(), layer, request.activations.get(layer))
+        _, activations, gradients = request.model.layer_gradient(x, request.objective(), layer, request.cached_activation(layer))
         sigma_range = float(params["sigma_range"]) if params["filter"] == "bilateral" else None
         # DBSCAN is per item (a clustering of that item's channels); the backward pass was batched.
         maps = torch.stack(

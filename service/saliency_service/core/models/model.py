@@ -250,6 +250,12 @@ class LoadedModel:
         self._observe(self.name, "forward", len(x))
         return logits, {spec.name: _as_seen(spec, act) for spec, act in zip(specs, activations, strict=True)}
 
+    def predict(self, x: np.ndarray, layers: Sequence[str]) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        """The prediction pass: logits in host memory, and the named layers' activations left on the model's device
+        for the methods that start from them (`forward_tensors`)."""
+        logits, activations = self.forward_tensors(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device), layers)
+        return logits.cpu().numpy(), activations
+
     # ---- gradients (torch program) ----
 
     def input_gradient(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
