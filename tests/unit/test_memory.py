@@ -15,7 +15,7 @@ from saliency_service.core.errors import ResourceExhausted
 from saliency_service.core.methods import METHODS, MethodInput
 from saliency_service.core.models import memory
 from saliency_service.core.models.memory import PASS_OVERHEAD, activation_bytes, fitted_batch, is_out_of_memory
-from saliency_service.core.models.model import LoadedModel, RuntimeOptions
+from saliency_service.core.models.model import CPU_GRADIENT_BATCH, LoadedModel, RuntimeOptions
 from saliency_service.core.params import resolve_params
 from saliency_service.shapes.generator import generate_batch
 from saliency_service.shapes.network import preprocess
@@ -120,6 +120,28 @@ def test_a_small_budget_splits_every_pass_and_changes_no_map(images: np.ndarray,
     if method != "score_cam":
         assert backward and sum(backward) >= len(images)
     np.testing.assert_allclose(split, whole, rtol=0, atol=1e-5 * max(1.0, float(np.abs(whole).max())))
+
+
+def test_on_the_cpu_gradient_passes_take_a_few_items_and_give_the_same_gradients(images: np.ndarray) -> None:
+    """`CPU_GRADIENT_BATCH` splits a trunk backward (IG's path batch here) finer than the memory would; the sums do not care."""
+    backward: list[int] = []
+    model = LoadedModel.load(
+        SHAPES,
+        RuntimeOptions(max_batch=64, threads=1, prefer_cuda=False),
+        observer=lambda model, kind, batch: backward.append(batch) if kind == "backward" else None,
+    )
+    assert model.max_batch == 64 and model.gradient_batch == CPU_GRADIENT_BATCH < 64
+    x = torch.from_numpy(np.concatenate([images, images, images]))  # 21 items
+    weights = torch.zeros((len(x), model.config.num_classes))
+    weights[:, 1] = 1.0
+    logits, gradient = model.input_gradient(x, weights)
+    assert backward == [8, 8, 5]
+    with torch.enable_grad():
+        whole = x.clone().requires_grad_(True)
+        reference, _ = model.program.forward(whole, model.program.zero_probes(len(x)))
+        (expected,) = torch.autograd.grad(reference[:, 1].sum(), whole)
+    np.testing.assert_allclose(logits.numpy(), reference.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gradient.numpy(), expected.numpy(), rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
 
 
 class _Scarce:

@@ -60,7 +60,7 @@ def composite_rules(name: str, model: LoadedModel, epsilon: float = 1e-6, gamma:
 
 
 def input_relevance(model: LoadedModel, x: torch.Tensor, weights: torch.Tensor, rules: RuleSet, times_logits: bool) -> torch.Tensor:
-    """B x C x H x W relevance (or modified gradient) at the input, in chunks of max_batch.
+    """B x C x H x W relevance (or modified gradient) at the input, in chunks of `gradient_batch`.
 
     The output is seeded with `weights` (the request's objective), times the logits when `times_logits`
     (LRP: the seed `onehot * y_c` makes the input relevance sum to the logit, METHODS.md §6 "Seeding").
@@ -71,7 +71,7 @@ def input_relevance(model: LoadedModel, x: torch.Tensor, weights: torch.Tensor, 
     origin = x.device
     x, weights = x.to(model.device), weights.to(model.device)
     parts = []
-    step = model.max_batch
+    step = model.gradient_batch
     for start in range(0, len(x), step):
         xs = x[start : start + step].detach().clone().requires_grad_(True)
         with torch.enable_grad():
