@@ -10,6 +10,7 @@ host by design, each for the reason given.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,7 @@ def test_a_layer_attribution_keeps_its_tensors_on_the_device(tiny_cnn: Any) -> N
     """Layer IG's activations come from an onnxruntime pass bound to tensors, not from a host array."""
     model = tiny_cnn.model
     request = _request(model, "integrated_gradients", _input(model), steps=4)
-    request = MethodInput(**{**request.__dict__, "layer": model.config.default_layer})
+    request = dataclasses.replace(request, layer=model.config.default_layer)
     with HostReads() as spy:
         maps = METHODS.get("integrated_gradients")().maps(request)
     assert spy.transfers() == []

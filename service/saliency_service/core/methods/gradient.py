@@ -52,8 +52,7 @@ class Saliency(GradientMethod):
         if request.layer is not None:
             # At a layer: the gradient with respect to the layer's activation, reduced the same way.
             _, _, gradient = request.model.layer_gradient(request.input(), request.objective(), request.layer)
-            reduced = gradient.abs().amax(dim=1, keepdim=True) if request.params["abs"] else gradient.sum(dim=1, keepdim=True)
-            return layer_map(reduced, request)
+            return layer_map(channel_reduced(gradient, bool(request.params["abs"]))[:, None], request)
         _, gradient = request.model.input_gradient(request.input(), request.objective())
         return channel_reduced(gradient, bool(request.params["abs"]))
 

@@ -239,8 +239,7 @@ class LoadedModel:
 
     def logits_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """`logits` for a normalised N x C x H x W tensor, as a float32 tensor on `x`'s device (onnxruntime I/O binding)."""
-        (logits,) = self.onnx.run_tensors(x, [self.config.onnx_logits_output], [(self.config.num_classes,)])
-        self._observe(self.name, "forward", len(x))
+        logits, _ = self.forward_tensors(x, [])
         return logits
 
     def forward(self, x: np.ndarray, layers: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -419,9 +418,6 @@ class _TorchForwardModel(LoadedModel):
         (logits,) = self._outputs(x, [self.config.onnx_logits_output])
         self._observe(self.name, "forward", len(x))
         return logits
-
-    def logits_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.logits(x.detach().cpu().numpy())).to(x.device)
 
     def forward_tensors(self, x: torch.Tensor, layers: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, activations = self.forward(x.detach().cpu().numpy(), layers)
