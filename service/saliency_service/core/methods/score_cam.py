@@ -33,12 +33,15 @@ def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
 def score_masks(activations: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Score-CAM's masks H_k: each channel bilinearly upsampled (align_corners=False) and min-max normalised to [0, 1].
 
-    B x K x h x w -> B x K x height x width. A constant channel gives the all-zero mask.
+    B x K x h x w -> B x K x height x width, in float32 as the model takes it (and as pytorch-grad-cam makes them).
+    A constant channel gives the all-zero mask.
     """
-    upsampled = F.interpolate(activations.double(), size=(height, width), mode="bilinear", align_corners=False)
+    upsampled = F.interpolate(activations.float(), size=(height, width), mode="bilinear", align_corners=False)
     low = upsampled.amin(dim=(2, 3), keepdim=True)
     high = upsampled.amax(dim=(2, 3), keepdim=True)
-    return safe_divide(upsampled - low, high - low)
+    # A constant channel has upsampled - low = 0 exactly, so dividing it by 1 gives its zero mask; the
+    # per-channel `where` keeps the full-size work to one subtraction and one division.
+    return (upsampled - low) / torch.where(high > low, high - low, 1.0)
 
 
 @METHODS.register("score_cam")
@@ -108,7 +111,7 @@ class ScoreCam(SaliencyMethod):
         for start, end in _chunks(len(distinct), model.max_batch):
             items = distinct[start:end, 0].long()
             masks = score_masks(distinct[start:end, 1:].reshape(end - start, 1, *activations.shape[2:]), spec.height, spec.width)
-            distinct_scores[start:end] = score(x[items] * masks.float(), items)
+            distinct_scores[start:end] = score(x[items].mul_(masks), items)
         scores = torch.zeros(batch * channels, dtype=torch.float64, device=x.device)
         scores[rows] = distinct_scores[shared]
         weights = scores.reshape(batch, channels)
