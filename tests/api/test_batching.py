@@ -20,6 +20,7 @@ from saliency_client import AsyncSaliencyClient, DeadlineExceededError, InvalidA
 from saliency_service.api.batching import ExplainBatcher
 from saliency_service.api.work import WorkPool
 from saliency_service.config import EMBEDDED_REPOSITORY, Settings
+from saliency_service.core.budget import RequestBudget, budget_scope
 from saliency_service.core.engine import Engine, ExplainJob
 from saliency_service.core.errors import FailedPrecondition, ResourceExhausted
 from saliency_service.core.models.config import ModelConfig
@@ -205,6 +206,34 @@ def test_a_due_group_keeps_its_place_in_the_queue_ahead_of_later_jobs(batching_s
 
     outcomes = asyncio.run(scenario())
     assert order == ["explain 2", "score"], "first in, first out; and the waiting group took the later Explain in"
+    for image, outcome in zip(images, outcomes, strict=True):
+        np.testing.assert_allclose(outcome[0].saliency, _alone(batching_server, image, "grad_cam"), rtol=1e-4, atol=1e-5)  # type: ignore[index]
+
+
+def test_a_merged_call_has_the_compute_cap_of_all_its_requests(batching_server: RunningServer) -> None:
+    """Each request brings its own `max_pass_items`: three requests that each fit their cap exactly run as one
+    call under three caps (one cap would fail the merged call and send each request round again on its own)."""
+    engine = _CountingEngine(batching_server.server.engine)
+    images = _images(3)
+    budget = RequestBudget()
+    with budget_scope(budget):
+        _alone(batching_server, images[0], "grad_cam")
+    cap = budget.items
+    release = threading.Event()
+
+    async def scenario() -> list[object]:
+        with ThreadPoolExecutor(1) as executor:
+            pool = WorkPool(executor, workers=1, max_queue=8, max_pass_items=cap)
+            batcher = ExplainBatcher(engine, pool)  # type: ignore[arg-type]
+            blocker = asyncio.ensure_future(pool.run("Block", release.wait))
+            calls = [asyncio.ensure_future(batcher.explain(ExplainJob("batched", [_raw(image)], "grad_cam"))) for image in images]
+            await asyncio.sleep(0)
+            release.set()
+            await blocker
+            return list(await asyncio.gather(*calls))
+
+    outcomes = asyncio.run(scenario())
+    assert cap > 0 and engine.calls == [3], "one merged call, within the three requests' caps together"
     for image, outcome in zip(images, outcomes, strict=True):
         np.testing.assert_allclose(outcome[0].saliency, _alone(batching_server, image, "grad_cam"), rtol=1e-4, atol=1e-5)  # type: ignore[index]
 

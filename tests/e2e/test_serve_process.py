@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from saliency_client import SaliencyClient, SaliencyError
+from saliency_service.config import Settings
 from saliency_service.shapes.generator import HELDOUT_SEED_OFFSET, LABELS, generate
 
 
@@ -112,6 +113,14 @@ def test_metrics_endpoint_serves_prometheus_text(server: Server) -> None:
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     assert 'saliency_model_ready{model="shapes"} 1.0' in body
     assert 'saliency_requests_total{code="OK",method="",model="",rpc="ListModels"}' in body
+    assert _gauges(server) == (Settings().workers, 0), "an idle pool: every worker idle, no job admitted"
+
+
+def _gauges(server: Server) -> tuple[float, float]:
+    """(saliency_idle_workers, saliency_admitted_jobs) from the server's /metrics."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    values = dict(line.split() for line in body.splitlines() if line.startswith(("saliency_idle_workers ", "saliency_admitted_jobs ")))
+    return float(values["saliency_idle_workers"]), float(values["saliency_admitted_jobs"])
 
 
 def test_sigterm_drains_in_flight_work_and_exits_zero(tmp_path: Path) -> None:
@@ -131,6 +140,7 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(tmp_path: Path) -> None:
         worker.start()
         time.sleep(2.0)  # the request is in flight
         assert "result" not in outcome, "the request finished too soon to test draining; make it longer"
+        assert _gauges(server) == (Settings().workers - 1, 1), "the long request holds one worker"
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         # While the long request drains, health says NOT_SERVING and a new call is refused with a reason.

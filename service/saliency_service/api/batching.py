@@ -158,8 +158,8 @@ class ExplainBatcher:
 
     async def _run(self, group: _Group) -> None:
         try:
-            # `requests` only sizes the budget until `_take` knows how many requests the group holds.
-            members, outcome = await self.pool.run(RPC, partial(self._take, group), None, requests=2, reservation=group.reservation)
+            # How many requests the group serves is known when `_take` closes it; `_take` sets the budget's cap then.
+            members, outcome = await self.pool.run(RPC, partial(self._take, group), None, requests=None, reservation=group.reservation)
         except asyncio.CancelledError:  # every caller gave up, or the server is stopping
             with self._lock:
                 self._close(group)

@@ -55,6 +55,9 @@ class SaliencyServer:
         self.engine = Engine(self.repository, ImageLimits(max_images=settings.max_batch_images, max_pixels=settings.max_image_pixels))
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="saliency-worker")
         self.pool = WorkPool(self.executor, settings.workers, settings.max_queue, settings.max_pass_items)
+        # Read at each scrape (one server per process; in tests the latest server's pool).
+        metrics.IDLE_WORKERS.set_function(lambda: self.pool.idle_workers)
+        metrics.ADMITTED_JOBS.set_function(lambda: self.pool.outstanding)
         self.credentials = server_credentials(settings)
         self.auth_tokens = auth_tokens(settings)
         self.health = health.aio.HealthServicer()

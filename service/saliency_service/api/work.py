@@ -110,22 +110,25 @@ class WorkPool:
         work: Callable[[], T],
         context: Context | None = None,
         images: int = 0,
-        requests: int = 1,
+        requests: int | None = 1,
         reservation: Reservation | None = None,
     ) -> T:
         """Run `work` in the pool under a fresh budget; cancelling the awaiting task cancels the budget.
 
-        `requests` > 1: the work serves that many merged requests, so its compute cap is that many caps.
+        `requests`: how many requests the work serves; its compute cap is that many caps. None for a merged
+        batch whose size is known only when a worker takes it: the budget starts uncapped, the work sets its
+        cap (`max_pass_items` per request) before its first pass, and the batcher counts the images of each
+        request itself.
         `reservation`: the place taken earlier with `reserve` (else one is taken now).
         """
         if reservation is None:
             self._admit()
         else:
             reservation.hand_to_job()
-        if requests == 1:  # the batcher counts merged requests one by one
+        if requests is not None:
             metrics.REQUEST_IMAGES.labels(rpc).observe(images)
         remaining = context.time_remaining() if context is not None else None
-        budget = RequestBudget(self.max_pass_items * requests, None if remaining is None else time.monotonic() + remaining)
+        budget = RequestBudget(self.max_pass_items * (requests or 0), None if remaining is None else time.monotonic() + remaining)
         queued = time.perf_counter()
 
         def job() -> T:

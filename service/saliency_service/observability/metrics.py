@@ -22,6 +22,12 @@ MERGED_REQUESTS = Histogram(
 MODEL_PASSES = Counter("saliency_model_passes_total", "Batched forward/backward passes.", ["model", "kind"])
 MODEL_PASS_ITEMS = Counter("saliency_model_pass_items_total", "Items through forward/backward passes.", ["model", "kind"])
 PASS_BATCH_SIZE = Histogram("saliency_model_pass_batch_size", "Items per forward/backward pass.", ["model", "kind"], buckets=_BATCH_BUCKETS)
+IDLE_WORKERS = Gauge("saliency_idle_workers", "Worker threads with nothing to do now (0 while jobs wait for one).")
+ADMITTED_JOBS = Gauge(
+    "saliency_admitted_jobs",
+    "Jobs holding a place in the work pool: running, queued, or a dynamic batch still gathering. "
+    "At workers + max_queue, requests get RESOURCE_EXHAUSTED.",
+)
 MODEL_READY = Gauge("saliency_model_ready", "1 when the model is loaded and serving, else 0.", ["model"])
 
 
