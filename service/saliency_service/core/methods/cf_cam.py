@@ -237,8 +237,8 @@ class CfCam(SaliencyMethod):
     def maps(self, request: MethodInput) -> np.ndarray:
         layer = require_layer(request, self.name)
         params = request.params
-        x = torch.from_numpy(np.ascontiguousarray(request.x, dtype=np.float32))
-        _, activations, gradients = request.model.layer_gradient(x, request.objective(), layer, request.cached_activation(layer))
+        # The backward pass runs where the model does; DBSCAN needs the layer's tensors in host memory.
+        _, activations, gradients = (tensor.cpu() for tensor in request.layer_gradient(layer))
         sigma_range = float(params["sigma_range"]) if params["filter"] == "bilateral" else None
         # DBSCAN is per item (a clustering of that item's channels); the backward pass was batched.
         maps = torch.stack(

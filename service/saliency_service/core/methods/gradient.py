@@ -51,7 +51,7 @@ class Saliency(GradientMethod):
     def attribute_once(self, request: MethodInput) -> torch.Tensor:
         if request.layer is not None:
             # At a layer: the gradient with respect to the layer's activation, reduced the same way.
-            _, _, gradient = request.model.layer_gradient(request.input(), request.objective(), request.layer)
+            _, _, gradient = request.layer_gradient(request.layer)
             return layer_map(channel_reduced(gradient, bool(request.params["abs"]))[:, None], request)
         _, gradient = request.model.input_gradient(request.input(), request.objective())
         return channel_reduced(gradient, bool(request.params["abs"]))
@@ -67,10 +67,10 @@ class InputXGradient(GradientMethod):
     layer_optional = True
 
     def attribute_once(self, request: MethodInput) -> torch.Tensor:
-        x = request.input()
         if request.layer is not None:
-            _, activation, gradient = request.model.layer_gradient(x, request.objective(), request.layer)
+            _, activation, gradient = request.layer_gradient(request.layer)
             return layer_map(activation * gradient, request)
+        x = request.input()
         _, gradient = request.model.input_gradient(x, request.objective())
         return (x * gradient).sum(dim=1)
 
